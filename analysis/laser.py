@@ -33,7 +33,7 @@ Search (paper, `scripts/laser_compose.py` and the intervention scripts):
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -397,15 +397,48 @@ class LaserResult:
     best: dict
     base: dict
     composed: list[Intervention]
+    metric: Metric = "loss"
+    skipped_taus: list[str] = field(default_factory=list)  # asked for, but absent from this attention variant
 
     @property
     def best_interventions(self) -> list[Intervention]:
         return [Intervention(**d) for d in self.best["interventions"]]
 
+    def verdict(self) -> dict[str, object]:
+        """Did LASER help? The val-selected candidate against the base model on both splits (the
+        honest answer is the held-out one), and how many single (τ, ℓ, ρ) beat the base on held-out
+        data at all (an oracle count: those were not selected on the validation blocks)."""
+        grid = [r for r in self.rows if r["kind"] == "grid"]
+        base_val, base_test = cost(self.base, self.metric), cost(self.base, self.metric, "test")
+        better = [r for r in grid if cost(r, self.metric, "test") < base_test]
+        oracle = min(better, key=lambda r: cost(r, self.metric, "test")) if better else None
+        return {
+            "metric": self.metric,
+            "best_improves_val": cost(self.best, self.metric) < base_val,
+            "best_improves_heldout": cost(self.best, self.metric, "test") < base_test,
+            "heldout_gain": base_test - cost(self.best, self.metric, "test"),  # > 0: the selected edit helped
+            "grid_points": len(grid),
+            "grid_points_better_heldout": len(better),
+            "oracle_best_heldout": oracle["interventions"] if oracle else [],
+            "oracle_heldout_gain": base_test - cost(oracle, self.metric, "test") if oracle else 0.0,
+        }
+
 
 def run_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SearchConfig) -> LaserResult:
-    """Grid, RMT rows and greedy composition on blocks x, y (N, T); the model is left unchanged."""
+    """Grid, RMT rows and greedy composition on blocks x, y (N, T); the model is left unchanged.
+
+    Matrix types the model's attention variant lacks (k, v under MLA) are skipped and listed in
+    `skipped_taus`; layers out of range fail before any work.
+    """
     model.eval()
+    taus = [t for t in cfg.taus if t in available_taus(model)]
+    if not taus:
+        raise ValueError(f"search.taus={cfg.taus}: none is in this model; available: {available_taus(model)}")
+    skipped = [t for t in cfg.taus if t not in taus]
+    bad = [layer for layer in cfg.layers or [] if not 0 <= layer < len(model.blocks)]
+    if bad:
+        raise ValueError(f"search.layers: {bad} out of range; the model has {len(model.blocks)} layers")
+    cfg = replace(cfg, taus=taus)
     split = Split(len(x), cfg.val_fraction)
 
     def evaluate(m: nn.Module) -> tuple[np.ndarray, np.ndarray]:
@@ -422,7 +455,7 @@ def run_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SearchCo
             rows.append(_row("compose", composed, split.summarise(*evaluate(model))))
     candidates = [r for r in rows if r["kind"] in ("grid", "rmt", "rmt_all", "compose") and r["interventions"]]
     best = min(candidates, key=lambda r: cost(r, cfg.metric)) if candidates else rows[0]
-    return LaserResult(rows=rows, best=best, base=rows[0], composed=composed)
+    return LaserResult(rows=rows, best=best, base=rows[0], composed=composed, metric=cfg.metric, skipped_taus=skipped)
 
 
 # ----------------------------------------------------------------------------------- plot

@@ -17,6 +17,9 @@ Tasks shipped here:
 - a user file (`load_pairs`): jsonl lines {"prefix", "good", "bad"}, or {"good", "bad"} full
   sentences, split at their longest common word prefix (the total log-probability difference
   of the two sentences equals the margin of that split, since the shared tokens cancel).
+
+`task_corpus` writes training text for the agreement and bracket tasks (held-out pairs left
+out), so a model trained on it with `data=files` can be searched for circuits from its checkpoint.
 """
 
 import json
@@ -97,6 +100,50 @@ def bracket_pairs(n: int = 200, seed: int = 0, max_len: int = 12) -> list[Minima
     if len(pairs) < n:
         raise ValueError(f"only {len(pairs)} distinct bracket prefixes of length <= {max_len}; ask for fewer")
     return pairs
+
+
+def bracket_sequence(rng: random.Random, max_pairs: int = 6) -> str:
+    """A random complete well-nested sequence of 1..max_pairs bracket pairs over ( ) [ ], space-separated."""
+    n_pairs = rng.randint(1, max_pairs)
+    stack: list[str] = []
+    tokens: list[str] = []
+    opened = 0
+    while opened < n_pairs or stack:
+        if stack and (opened == n_pairs or rng.random() < 0.45 or len(stack) > 3):
+            tokens.append(BRACKETS[stack.pop()])
+        else:
+            stack.append(rng.choice(list(BRACKETS)))
+            tokens.append(stack[-1])
+            opened += 1
+    return " ".join(tokens)
+
+
+def task_corpus(n: int = 20000, seed: int = 0, exclude: Sequence[MinimalPair] = ()) -> list[str]:
+    """Training text for the agreement and bracket tasks: n lines, alternately an agreement sentence
+    (a random prefix of `agreement_pairs`' form followed by its agreeing verb) and a complete
+    well-nested bracket sequence (`bracket_sequence`).
+
+    A line that starts with the prefix of an excluded pair (e.g. the evaluation pairs) is skipped,
+    so a model trained on this text is scored on continuations it never saw.
+    """
+    rng = random.Random(seed)
+    held = {p.prefix for p in exclude}
+    lines: list[str] = []
+    while len(lines) < n:
+        if len(lines) % 2 == 0:
+            s, a, template, verb = rng.choice(NOUNS), rng.choice(NOUNS), rng.choice(ATTRACTORS), rng.choice(VERBS)
+            if a == s:
+                continue
+            ns, na = rng.randint(0, 1), rng.randint(0, 1)
+            prefix = f"And the {s[ns]} {template.format(a=a[na])}"
+            line, prefixes = f"{prefix} {verb[ns]}", {prefix}
+        else:
+            line = bracket_sequence(rng)
+            tokens = line.split()
+            prefixes = {" ".join(tokens[:i]) for i in range(1, len(tokens))}
+        if held.isdisjoint(prefixes):
+            lines.append(line)
+    return lines
 
 
 def load_pairs(path: str | Path) -> list[MinimalPair]:

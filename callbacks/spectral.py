@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
-from analysis import HeadSpectra, SpectralAnalyzer, SpectralReport, benjamini_hochberg
+from analysis import NULL_NAMES, HeadSpectra, SpectralAnalyzer, SpectralReport, benjamini_hochberg
 from analysis.plots import esd_grid, layer_head_heatmap
 from callbacks.spectral_rules import LEVELS, RULES, Alert, Persistence
 
@@ -70,6 +70,8 @@ class SpectralHealthCallback(L.Callback):
             raise ValueError(f"spectral.every_n_steps={every_n_steps} is invalid: it must be > 0")
         if not 0 < fa_level < 1:
             raise ValueError(f"spectral.fa_level={fa_level} is invalid; allowed: 0 < fa_level < 1")
+        if null_model not in NULL_NAMES:
+            raise ValueError(f"spectral.null_model={null_model!r} is invalid; allowed: {list(NULL_NAMES)}")
         self.every_n_steps = every_n_steps
         self.analyzer = SpectralAnalyzer(null=null_model, fa_level=fa_level, mc_draws=mc_draws, cache_dir=cache_dir)
         self.bh_q = bh_q
@@ -77,7 +79,7 @@ class SpectralHealthCallback(L.Callback):
         self.per_head, self.histogram_bins = per_head, min(histogram_bins, 512)
         self.image_every_n_checks, self.wait_duration = image_every_n_checks, wait_duration
         self.run_dir = Path(run_dir) if run_dir else None
-        self.rules, self.persistence = self._build_rules(rules or {}, fa_level)
+        self.rules, self.persistence, self.start_steps = self._build_rules(rules or {}, fa_level)
         default_actions = {"INFO": ["log"], "WARN": ["log"], "ERROR": ["log", "checkpoint"]}
         self.actions = self._check_actions(actions or default_actions)
         self.checks = 0
@@ -87,8 +89,9 @@ class SpectralHealthCallback(L.Callback):
         self.seconds_total = 0.0
 
     @staticmethod
-    def _build_rules(config: dict[str, dict[str, Any]], fa_level: float) -> tuple[dict, dict]:
-        rules, persistence = {}, {}
+    def _build_rules(config: dict[str, dict[str, Any]], fa_level: float) -> tuple[dict, dict, dict]:
+        """Rules, their persistence trackers and the step from which each is evaluated (`start_step`)."""
+        rules, persistence, start_steps = {}, {}, {}
         merged = {name: {} for name in RULES} | {name: dict(params or {}) for name, params in dict(config).items()}
         for name, params in merged.items():
             if name not in RULES:
@@ -96,6 +99,7 @@ class SpectralHealthCallback(L.Callback):
             params = dict(params)
             if params.pop("enabled", True) is False:
                 continue
+            start_steps[name] = int(params.pop("start_step", 0))
             window = {key: params.pop(key) for key in ("k", "K", "cooldown") if key in params}
             if name == "spikes":
                 params.setdefault("fa_level", fa_level)
@@ -105,7 +109,7 @@ class SpectralHealthCallback(L.Callback):
             if rule.level not in LEVELS:
                 raise ValueError(f"spectral.rules.{name}.level={rule.level!r}; allowed: {list(LEVELS)}")
             rules[name], persistence[name] = rule, Persistence(**window)
-        return rules, persistence
+        return rules, persistence, start_steps
 
     @staticmethod
     def _check_actions(actions: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -139,15 +143,20 @@ class SpectralHealthCallback(L.Callback):
         with full_parameters(trainer):  # FSDP: every rank joins the gather; rank 0 reads whole weights
             if trainer.is_global_zero:
                 start = time.perf_counter()
-                factors = pl_module.qk_factors()
-                every = self.layer_sum_every_n_checks
-                layer_sum = every > 0 and self.checks % every == 0
-                report = self.analyzer.analyze(factors, previous=self.previous, layer_sum=layer_sum)
-                self.previous = report
-                fired = self._evaluate(report, step)
-                self.checks += 1
-                self._log(trainer, report, self._probe_meta(factors), step)
-                self._write_history(report, step)
+                try:
+                    factors = pl_module.qk_factors()
+                    every = self.layer_sum_every_n_checks
+                    layer_sum = every > 0 and self.checks % every == 0
+                    report = self.analyzer.analyze(factors, previous=self.previous, layer_sum=layer_sum)
+                    self.previous = report
+                    fired = self._evaluate(report, step)
+                    self.checks += 1
+                    self._log(trainer, report, self._probe_meta(factors), step)
+                    self._write_history(report, step)
+                except Exception as e:  # a failed analysis (an SVD that did not converge, ...) is an alert, not a crash
+                    log.exception("spectral check at step %d failed", step)
+                    fired = [Alert("analysis_error", "ERROR", "qkscope: spectral analysis failed",
+                                   f"step {step}: {type(e).__name__}: {e}", step, ["model"])]
                 self.seconds_total += time.perf_counter() - start
                 for alert in fired:
                     self._emit(trainer, alert)
@@ -163,6 +172,8 @@ class SpectralHealthCallback(L.Callback):
     def _evaluate(self, report: SpectralReport, step: int) -> list[Alert]:
         alerts = []
         for name, rule in self.rules.items():
+            if step < self.start_steps[name]:  # e.g. norms and ranks move fast during LR warmup by design
+                continue
             found = rule.exceedances(report, self.rule_memory[name])
             details = {e.key: e.detail for e in found}
             fire = self.persistence[name].update(self.checks, set(details))

@@ -33,6 +33,15 @@ class Alert:
     keys: list[str]
 
 
+def _values_window_ago(memory: dict, kind: str, values: list[float], window: int) -> list[float] | None:
+    """The per-layer values of `window` checks ago (None until that many were seen); remembers `values`."""
+    past = memory.setdefault(kind, [])
+    oldest = past[0] if len(past) >= window else None
+    past.append(values)
+    del past[:-window]
+    return oldest
+
+
 def _head_keys(mask: torch.Tensor) -> list[str]:
     return [f"L{int(layer)}H{int(head)}" for layer, head in mask.nonzero().tolist()]
 
@@ -107,9 +116,9 @@ class RankCollapseRule:
         for kind, hs in report.heads.items():
             r = hs.eigs.shape[-1]
             eff = torch.where(hs.finite, hs.eff_rank, torch.nan).nanmean(dim=1)  # (L,)
-            past = memory.setdefault(kind, [])
+            before = _values_window_ago(memory, kind, eff.tolist(), self.window)
             for layer, value in enumerate(eff.tolist()):
-                old = past[0][layer] if len(past) >= self.window else None
+                old = before[layer] if before is not None else None
                 if value < self.min_fraction * r:
                     detail = f"{kind} layer {layer}: effective rank {value:.1f} of {r}"
                     out.append(Exceedance(f"{kind}:L{layer}", detail))
@@ -117,8 +126,6 @@ class RankCollapseRule:
                     out.append(Exceedance(f"{kind}:L{layer}", (
                         f"{kind} layer {layer}: effective rank fell {old:.1f} -> {value:.1f} in {self.window} checks"
                     )))
-            past.append(eff.tolist())
-            del past[: -self.window]
         return out
 
 
@@ -137,15 +144,12 @@ class RunawayNormRule:
         out = []
         for kind, hs in report.heads.items():
             norm = torch.where(hs.finite, hs.spectral_norm, torch.nan).amax(dim=1)  # (L,)
-            past = memory.setdefault(kind, [])
-            if len(past) >= self.window:
-                for layer, (old, new) in enumerate(zip(past[0], norm.tolist(), strict=True)):
-                    if old > 0 and new > self.growth * old:
-                        out.append(Exceedance(f"{kind}:L{layer}", (
-                            f"{kind} layer {layer}: max spectral norm {old:.3g} -> {new:.3g} in {self.window} checks"
-                        )))
-            past.append(norm.tolist())
-            del past[: -self.window]
+            before = _values_window_ago(memory, kind, norm.tolist(), self.window)
+            for layer, (old, new) in enumerate(zip(before or [], norm.tolist(), strict=False)):
+                if old > 0 and new > self.growth * old:
+                    out.append(Exceedance(f"{kind}:L{layer}", (
+                        f"{kind} layer {layer}: max spectral norm {old:.3g} -> {new:.3g} in {self.window} checks"
+                    )))
         return out
 
 

@@ -9,10 +9,10 @@ def _batch_size(batch: Any) -> int:
     return batch[0].size(0)
 
 
-def _tokens_per_sample(batch: Any) -> int:
-    return batch[0].size(1)
+def _tokens_in_batch(batch: Any) -> int:
+    return batch[0].numel()  # Throughput sums `lengths` as the items of a batch: B x T tokens
 
 
 def token_throughput_monitor(window_size: int = 20) -> ThroughputMonitor:
     """Lightning's ThroughputMonitor counting tokens as items: logs items_per_sec = tokens/s."""
-    return ThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens_per_sample, window_size=window_size)
+    return ThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens_in_batch, window_size=window_size)

@@ -84,6 +84,9 @@ class GPTConfig:
             raise ConfigError(f"model.mlp={self.mlp!r} is invalid; allowed: ['swiglu', 'gelu']")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} is invalid; allowed: 0 <= dropout < 1")
+        for key in ("rope_base", "norm_eps", "init_std"):
+            if not getattr(self, key) > 0:  # also rejects NaN
+                raise ConfigError(f"model.{key}={getattr(self, key)} is invalid: it must be > 0")
         if self.d_ff < 0:
             raise ConfigError(f"model.d_ff={self.d_ff} is invalid: it must be >= 0 (0 = default)")
         if self.d_ff == 0:

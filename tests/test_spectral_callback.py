@@ -97,10 +97,31 @@ def test_state_round_trip_does_not_refire(tmp_path: Path) -> None:
     assert resumed.checks == 1 and resumed.persistence["spikes"].last_fired == {"content:L0H0": 0}
 
 
+def test_rule_start_step_ignores_the_warmup_phase(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, d_model=64, n_head=4))
+    rules = {"runaway_norm": {"start_step": 30, "growth": 4.0, "window": 1, "k": 1, "K": 1}}
+    cb = SpectralHealthCallback(every_n_steps=10, mc_draws=200, rules=rules, cache_dir=str(tmp_path / "nulls"))
+
+    def grow_and_check(step: int) -> list[str]:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.q_proj.weight.mul_(5.0)  # W_Q W_K^T and its spectral norm grow 5x per check
+        fired = cb._evaluate(cb.analyzer.analyze(model.qk_factors()), step)
+        cb.checks += 1
+        return [a.rule for a in fired]
+
+    assert grow_and_check(10) == [] and grow_and_check(20) == []  # before start_step: not evaluated
+    assert cb.rule_memory["runaway_norm"] == {}
+    assert grow_and_check(30) == []  # first evaluated check: nothing to compare with yet
+    assert grow_and_check(40) == ["runaway_norm"]  # 5x > growth 4x over one check
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"every_n_steps": 0}, "spectral.every_n_steps=0"), ({"rules": {"nope": {}}}, "spectral.rules.nope"),
-     ({"actions": {"WARN": ["explode"]}}, r"allowed: \['log', 'checkpoint', 'stop'\]")],
+     ({"actions": {"WARN": ["explode"]}}, r"allowed: \['log', 'checkpoint', 'stop'\]"),
+     ({"null_model": "gauss"}, r"spectral.null_model='gauss' is invalid; allowed: \['mp', 'product'")],
 )
 def test_bad_callback_config(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

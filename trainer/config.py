@@ -55,11 +55,25 @@ class TrainSchema:
     resume: ResumePolicy = ResumePolicy.auto
 
 
+def null_for_attention(attention: str) -> str:
+    """The spectral null that is exact at initialisation for an attention variant.
+
+    MHA, GQA and KV shifting expose single Gaussian projections as factors, for which the
+    `product` null (MP ⊠ MP, Monte-Carlo calibrated) is exact. MLA's content factors are
+    compositions through the latent (W_DKV^T diag(g) W_UK^T), whose spectra are not MP: the
+    product null flags ~all of them at step 0, the `rotation` null (each factor keeps its own
+    spectrum; analysis/rotation.py) does not.
+    """
+    return "rotation" if attention.startswith("mla") else "product"
+
+
 def register() -> None:
-    """Register the schema and the `qk.run_id` resolver (idempotent)."""
+    """Register the schema and the `qk.run_id` and `qk.null_for` resolvers (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainSchema)
     if not OmegaConf.has_resolver("qk.run_id"):
         OmegaConf.register_new_resolver("qk.run_id", run_id_from_overrides)
+    if not OmegaConf.has_resolver("qk.null_for"):
+        OmegaConf.register_new_resolver("qk.null_for", null_for_attention)
 
 
 def validate(cfg: DictConfig) -> None:

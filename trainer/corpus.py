@@ -15,17 +15,22 @@ from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import codecs
+
 import datasets
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from models.config import ConfigError
 
 EOT = "<|endoftext|>"
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".csv": "csv"}
 TOKENIZER_VERSION = "bytelevel-bpe-v1"
+TEXT_CHECK_BYTES = 1 << 20  # how much of each text-format file is checked for binary content
 
 
-class CorpusError(ValueError):
+class CorpusError(ConfigError):
     """The corpus cannot be used; the message names the file or key."""
 
 
@@ -75,7 +80,24 @@ def check_files(files: list[Path]) -> str:
             f"data.files: {[str(f) for f in files]} must share one format; allowed extensions: "
             f"{sorted(BUILDERS)}"
         )
-    return kinds.pop()
+    kind = kinds.pop()
+    if kind != "parquet":
+        for f in files:
+            _check_text(f)
+    return kind
+
+
+def _check_text(path: Path) -> None:
+    """Fail naming `path` if its first TEXT_CHECK_BYTES hold a NUL byte or invalid UTF-8 (a binary file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(TEXT_CHECK_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise CorpusError(f"data.files: could not read {path} as text: it is binary (NUL byte at offset {nul})")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_CHECK_BYTES)
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"data.files: could not read {path} as text: not UTF-8 ({e.reason} at byte {e.start})") from e
 
 
 def read_documents(files: list[Path], text_field: str, hf_cache: Path) -> list[str]:
@@ -90,7 +112,10 @@ def read_documents(files: list[Path], text_field: str, hf_cache: Path) -> list[s
     field = "text" if builder == "text" else text_field
     if field not in ds.column_names:
         raise CorpusError(f"data.text_field={field!r} is not a column of {files}; columns: {ds.column_names}")
-    return [t for t in ds[field] if isinstance(t, str) and t]
+    docs = [t for t in ds[field] if isinstance(t, str) and t]
+    if not any(t.strip() for t in docs):
+        raise CorpusError(f"data.files: {[str(f) for f in files]} hold no text (every row is empty)")
+    return docs
 
 
 def _fingerprint(files: list[Path], settings: dict) -> str:
@@ -152,7 +177,8 @@ def prepare_corpus(
         return PreparedCorpus(dir=out, **meta)
     train_docs, val_docs = _split(read_documents(files, text_field, Path(cache_dir) / "hf"), val_fraction)
     if not val_docs:
-        raise CorpusError(f"data: corpus {files} has too few documents to hold out a validation split")
+        raise CorpusError(f"data.files: {[str(f) for f in files]} has too few documents to hold out a "
+                          f"validation split (data.val_fraction={val_fraction}); use a longer corpus")
     tok = _train_tokenizer(train_docs, vocab_size)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
     train, val = _encode(tok, train_docs, dtype), _encode(tok, val_docs, dtype)

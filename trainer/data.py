@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.corpus import PreparedCorpus, kjv_path, prepare_corpus
+from trainer.corpus import CorpusError, PreparedCorpus, kjv_path, prepare_corpus
 
 
 class DataSource(str, Enum):
@@ -109,22 +109,33 @@ class TextDataModule(L.LightningDataModule):
         self.corpus: PreparedCorpus | None = None
 
     def prepare_data(self) -> None:
-        self._prepare()
+        """Tokenize the corpus (or find it in the cache) and check it is long enough.
+
+        The entry point calls this before any logger or trainer exists, so a missing, empty,
+        binary or too-short corpus fails there, naming the file, with nothing written.
+        """
+        if self.corpus is None:
+            self.corpus = self._checked(self._prepare())
 
     def _prepare(self) -> PreparedCorpus:
         c = self.config
         return prepare_corpus(c.corpus_files(), c.text_field, c.vocab_size, c.val_fraction, Path(c.cache_dir))
 
+    def _checked(self, corpus: PreparedCorpus) -> PreparedCorpus:
+        """`corpus`, if both splits hold at least two blocks (one sample needs block_size + 1 tokens)."""
+        need = 2 * self.config.block_size + 2
+        for split, n in (("train", corpus.n_train_tokens), ("val", corpus.n_val_tokens)):
+            if n < need:
+                files = [str(f) for f in self.config.corpus_files()]
+                raise CorpusError(
+                    f"data: the {split} split of {files} has {n} tokens, fewer than {need} (two blocks of "
+                    f"data.block_size={self.config.block_size}); use a longer corpus or a smaller block"
+                )
+        return corpus
+
     def setup(self, stage: str | None = None) -> None:
         if self.corpus is None:
-            self.corpus = self._prepare()
-            need = 2 * self.config.block_size + 2
-            for split, n in (("train", self.corpus.n_train_tokens), ("val", self.corpus.n_val_tokens)):
-                if n < need:
-                    raise ValueError(
-                        f"data: the {split} split has {n} tokens, fewer than {need} (two blocks of "
-                        f"data.block_size={self.config.block_size}); use a longer corpus or a smaller block"
-                    )
+            self.corpus = self._checked(self._prepare())
 
     @property
     def tokenizer(self):

@@ -1,14 +1,27 @@
-"""Experiment loggers: W&B (offline unless asked otherwise) with CSV as the fallback."""
+"""Experiment loggers: W&B (offline unless asked otherwise) with CSV as the fallback.
 
+Neither may lose or stop a run: W&B that cannot start (import or init failure, a W&B directory
+that cannot be written or whose disk is full) is replaced by CSV logging with a warning, and
+the CSV log of a resumed run continues the file of the earlier sessions (Lightning's own
+CSVLogger deletes it).
+"""
+
+import csv
 import logging
 import os
+import shutil
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from trainer.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
+
+PROBE_BYTES = 1 << 16  # written and fsync'ed into the W&B directory before W&B starts
+WANDB_FLUSH_SECONDS = 0.1  # W&B's service writes its .wandb file in 32 KiB blocks, otherwise every 15 s
 
 
 def wandb_mode() -> str:
@@ -17,31 +30,91 @@ def wandb_mode() -> str:
     return mode if mode in ("online", "offline", "disabled") else "offline"
 
 
+def check_writable(directory: Path, min_free_mb: float) -> None:
+    """Raise OSError unless `directory` can be created, written and fsync'ed and has `min_free_mb` free.
+
+    The probe is a real write (PROBE_BYTES, fsync'ed), so a read-only or full filesystem fails
+    here, before W&B starts, instead of W&B's service failing to write later on its own.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+    free_mb = shutil.disk_usage(directory).free / 2**20
+    if free_mb < min_free_mb:
+        raise OSError(f"{directory} has {free_mb:.1f} MB free, less than logger.wandb.min_free_mb={min_free_mb:g}")
+
+
 def wandb_logger(run_dir: str, project: str, name: str, group: str | None = None,
-                 tags: list[str] | None = None) -> Logger:
+                 tags: list[str] | None = None, min_free_mb: float = 50.0) -> Logger:
     """A WandbLogger whose run id lives in the run directory, so a resumed run continues it.
 
-    If W&B cannot start (import, init or disk failure), training goes on with a CSVLogger in
-    the same run directory and a warning says why.
+    If W&B cannot start (import, init or disk failure: `<run_dir>/wandb` unwritable or with less
+    than `min_free_mb` free), training goes on with a CSVLogger in the same run directory and a
+    warning says why.
     """
     run = RunDirectory(run_dir)
     try:
         import wandb
 
+        check_writable(run.path / "wandb", min_free_mb)
         run_id = run.wandb_run_id()
+        settings = {"mode": wandb_mode(), "console": "off", "x_disable_stats": True}
+        if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
+            settings["x_transaction_log_flush_interval"] = WANDB_FLUSH_SECONDS  # what a crash can lose
         logger = WandbLogger(
             project=project, name=name, group=group, tags=list(tags or []), id=run_id, resume="allow",
-            save_dir=str(run.path), offline=wandb_mode() != "online", settings=wandb.Settings(
-                mode=wandb_mode(), console="off", x_disable_stats=True,
-            ),
+            save_dir=str(run.path), offline=wandb_mode() != "online", settings=wandb.Settings(**settings),
         )
         _ = logger.experiment  # start W&B now, so a failure falls back before training
         return logger
     except Exception as e:  # W&B failures must never stop training
-        log.warning("W&B could not start (%s: %s); logging to CSV in %s instead", type(e).__name__, e, run.path)
+        log.warning("W&B could not start (%s: %s); logging to CSV in %s instead", type(e).__name__, e,
+                    run.path / "csv")
         return csv_logger(run_dir)
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted, and a
+    header change rewrites the file atomically (temp file + rename)."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with open(path, newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resume: each session appends to it (a step repeated
+    after a crash appears twice; its later row counts). Built with flush_logs_every_n_steps=1 by
+    `csv_logger`, so every row is on disk before the checkpoint that follows it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def csv_logger(run_dir: str) -> Logger:
-    """Metrics as CSV under <run_dir>/csv/."""
-    return CSVLogger(save_dir=str(Path(run_dir)), name="csv", version="")
+    """Metrics as CSV under <run_dir>/csv/ (continued across resumes)."""
+    return ResumableCSVLogger(save_dir=str(Path(run_dir)), name="csv", version="", flush_logs_every_n_steps=1)

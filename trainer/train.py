@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -30,20 +31,22 @@ def main(cfg: DictConfig) -> float | None:
     if run.is_done():
         log.info("%s is DONE; nothing to do (delete DONE or use another experiment_name)", run.path)
         return objective(run.path)
+    L.seed_everything(cfg.seed, workers=True)
     try:
         validate(cfg)
         ckpt_path = run.resume_checkpoint(cfg.resume)
-    except (ConfigError, FileNotFoundError) as e:
+        datamodule = instantiate(cfg.data)
+        if is_global_zero():
+            datamodule.prepare_data()  # a bad or too-short corpus fails here, naming the file, before any logger
+        module = instantiate(cfg.module)
+        callbacks = [c for c in instantiate(cfg.callbacks).values() if c is not None] if cfg.callbacks else []
+    except (ConfigError, FileNotFoundError, InstantiationException) as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # fails this job only: Hydra's launcher records it and goes on (SystemExit would end the sweep)
         run.discard_if_unused()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module)
-    callbacks = [c for c in instantiate(cfg.callbacks).values() if c is not None] if cfg.callbacks else []
     if not is_global_zero() and cfg.logger and "wandb" in cfg.logger:
         _await_file(run.wandb_id_file)  # SLURM/torchrun start every rank at once: rank 0 alone writes the id
     loggers = list(instantiate(cfg.logger).values()) if cfg.logger else []
