@@ -66,13 +66,14 @@ def _compose(size: str, variant: str, run_dir: Path) -> Any:
     return cfg
 
 
-def _batches(cfg: Any) -> tuple[Any, Any]:
+def _batches(cfg: Any) -> Any:
+    """An iterator over the real DataModule's training batches."""
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
-    return dm, iter(dm.train_dataloader())
+    return iter(dm.train_dataloader())
 
 
 def _plain_step_loop(model: Any, opt: Any, sched: Any, batches: Any, steps: int, warmup: int,
@@ -145,20 +146,15 @@ def _lightning(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
 
 
 def _plain(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
-    import torch
     from omegaconf import OmegaConf
 
     from models import GPT
-    from trainer.lit_gpt import OptimConfig, lr_factor
+    from trainer.lit_gpt import OptimConfig, adamw_with_schedule
 
     model = GPT(OmegaConf.to_object(cfg.model))
-    c = OptimConfig(**OmegaConf.to_container(cfg.optim))
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c.warmup_steps, 800, c.min_lr_ratio))
-    _, batches = _batches(cfg)
+    optim = OptimConfig(**OmegaConf.to_container(cfg.optim))
+    opt, sched = adamw_with_schedule(model.parameters(), optim, cfg.trainer.max_steps)
+    batches = _batches(cfg)
     return _plain_step_loop(model, opt, sched, batches, steps, warmup, lambda m, x, y: m(x, y)[1])
 
 
@@ -173,7 +169,7 @@ def _nanogpt(cfg: Any, steps: int, warmup: int, path: str | None) -> tuple[float
                                n_head=m.n_head, n_embd=m.d_model, dropout=0.0, bias=False)
     model = nanogpt.GPT(config)
     opt = model.configure_optimizers(c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
-    _, batches = _batches(cfg)
+    batches = _batches(cfg)
     return _plain_step_loop(model, opt, None, batches, steps, warmup, lambda m, x, y: m(x, y)[1])
 
 

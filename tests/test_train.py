@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from callbacks.wandb_records import history, run_id
@@ -112,3 +113,23 @@ def test_every_variant_trains_through_the_entry_point_with_spectral_checks(tmp_p
         assert "spectral/content/L0/lambda_max_over_edge" in columns and "val/loss" in columns
         if "kv_shift" in name:  # the shift weights reach the logs through the probe's meta
             assert any(c.startswith("spectral/meta/L0/content/alpha1") for c in columns)
+
+
+def test_adamw_decays_matrices_only_and_follows_the_schedule() -> None:
+    from models import GPT, GPTConfig
+    from trainer.lit_gpt import OptimConfig, adamw_with_schedule, lr_factor
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, d_model=32, n_head=4,
+                          attention={"name": "kv_shift"}))
+    optim = OptimConfig()
+    opt, sched = adamw_with_schedule(model.parameters(), optim, total_steps=50)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == optim.weight_decay and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    shift = model.blocks[0].attn
+    assert any(p is shift.alpha1 for p in plain["params"]) and any(p is shift.beta2 for p in plain["params"])
+    for step in range(3):
+        assert opt.param_groups[0]["lr"] == pytest.approx(optim.lr * lr_factor(step, optim.warmup_steps, 50,
+                                                                                 optim.min_lr_ratio))
+        opt.step()
+        sched.step()

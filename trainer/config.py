@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from models.config import ConfigError, GPTConfig
+from models.config import AttentionConfig, AttentionName, ConfigError, GPTConfig
 from trainer.data import DataConfig
 from trainer.lit_gpt import OptimConfig
 from trainer.run_dir import run_id_from_overrides
@@ -64,7 +64,7 @@ def null_for_attention(attention: str) -> str:
     product null flags ~all of them at step 0, the `rotation` null (each factor keeps its own
     spectrum; analysis/rotation.py) does not.
     """
-    return "rotation" if attention.startswith("mla") else "product"
+    return "rotation" if AttentionConfig(name=AttentionName(attention)).is_mla else "product"
 
 
 def register() -> None:

@@ -2,6 +2,7 @@
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +45,21 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(
+    parameters: Iterable[torch.nn.Parameter], c: OptimConfig, total_steps: int, fused: bool = False
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with decay on matrices only (norm gains, biases, KV-shift weights are 1-D: no decay),
+    and the per-step warmup + cosine factor of `lr_factor` over `total_steps`."""
+    params = [p for p in parameters if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c.warmup_steps, total_steps, c.min_lr_ratio))
+    return opt, sched
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
@@ -118,16 +134,6 @@ class LitGPT(L.LightningModule):
                 logger.log_text(key="samples", columns=["step", "text"], data=[[self.global_step, text]])
 
     def configure_optimizers(self) -> dict:
-        c = self.optim_config
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                                fused=self.device.type == "cuda")
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, c.warmup_steps, total, c.min_lr_ratio)
-        )
+        opt, sched = adamw_with_schedule(self.parameters(), self.optim_config, total, fused=self.device.type == "cuda")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
