@@ -21,7 +21,8 @@ Steps after `--warmup` are timed by wall clock (data, forward, backward, clip, o
 Implementations of one configuration run back to back, `--rounds` times interleaved; the fastest
 round of each is reported (the least disturbed on a shared machine) and ratios are taken within
 that configuration. Peak memory: the worker's max RSS, and the growth above the RSS before the
-first step (weights, optimizer state, activations).
+first step (weights, optimizer state, activations). Every worker applies the training config's
+CPU allocator setting (callbacks.cpu_allocator) and reports minor page faults per timed step.
 """
 
 import argparse
@@ -44,6 +45,10 @@ VARIANTS = ("mha", "gqa", "mla", "mla_prerope", "kv_shift", "mla_kv_shift")
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _peak_mb() -> float:
@@ -77,13 +82,13 @@ def _batches(cfg: Any) -> Any:
 
 
 def _plain_step_loop(model: Any, opt: Any, sched: Any, batches: Any, steps: int, warmup: int,
-                     loss_of: Any) -> tuple[float, float]:
+                     loss_of: Any) -> tuple[float, float, int]:
     import torch
 
-    rss0, start = 0.0, 0.0
+    rss0, start, faults0 = 0.0, 0.0, 0
     for i in range(warmup + steps):
         if i == warmup:
-            start = time.perf_counter()
+            start, faults0 = time.perf_counter(), _minor_faults()
         if i == 0:
             rss0 = _rss_mb()
         x, y = next(batches)
@@ -94,31 +99,35 @@ def _plain_step_loop(model: Any, opt: Any, sched: Any, batches: Any, steps: int,
         if sched is not None:
             sched.step()
         opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, rss0
+    return time.perf_counter() - start, rss0, _minor_faults() - faults0
 
 
 def worker(impl: str, size: str, variant: str, steps: int, warmup: int, threads: int, nanogpt: str | None) -> dict:
     """One measurement in this process: seconds for `steps` timed steps, tokens/s, memory."""
     import torch
 
+    from callbacks.cpu_allocator import retain_freed_heap
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "bench" / "run"
         cfg = _compose(size, variant, run_dir)
+        retain_freed_heap(cfg.callbacks.cpu_allocator.top_pad_mb)  # the entry point's CPU setting, for every impl
         tokens_per_step = cfg.data.batch_size * cfg.data.block_size
         if impl == "lightning":
-            seconds, rss0 = _lightning(cfg, steps, warmup)
+            seconds, rss0, faults = _lightning(cfg, steps, warmup)
         elif impl == "plain":
-            seconds, rss0 = _plain(cfg, steps, warmup)
+            seconds, rss0, faults = _plain(cfg, steps, warmup)
         else:
-            seconds, rss0 = _nanogpt(cfg, steps, warmup, nanogpt)
+            seconds, rss0, faults = _nanogpt(cfg, steps, warmup, nanogpt)
     return {"impl": impl, "size": size, "variant": variant, "steps": steps, "seconds": seconds,
-            "tokens_per_s": steps * tokens_per_step / seconds, "peak_rss_mb": _peak_mb(),
+            "tokens_per_s": steps * tokens_per_step / seconds, "minor_faults_per_step": faults // steps,
+            "peak_rss_mb": _peak_mb(),
             "peak_growth_mb": _peak_mb() - rss0}
 
 
-def _lightning(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
+def _lightning(cfg: Any, steps: int, warmup: int) -> tuple[float, float, int]:
     import lightning as L
     from hydra.utils import instantiate
 
@@ -129,10 +138,10 @@ def _lightning(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
             if trainer.global_step == 0:
                 marks["rss0"] = _rss_mb()
             if trainer.global_step == warmup:
-                marks["start"] = time.perf_counter()
+                marks["start"], marks["faults0"] = time.perf_counter(), _minor_faults()
 
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            marks["end"] = time.perf_counter()
+            marks["end"], marks["faults"] = time.perf_counter(), _minor_faults()
 
     cfg.trainer.max_steps = warmup + steps
     cfg.trainer.enable_model_summary = False
@@ -142,10 +151,10 @@ def _lightning(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
     loggers = list(instantiate(cfg.logger).values())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
-    return marks["end"] - marks["start"], marks["rss0"]
+    return marks["end"] - marks["start"], marks["rss0"], int(marks["faults"] - marks["faults0"])
 
 
-def _plain(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
+def _plain(cfg: Any, steps: int, warmup: int) -> tuple[float, float, int]:
     from omegaconf import OmegaConf
 
     from models import GPT
@@ -158,7 +167,7 @@ def _plain(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
     return _plain_step_loop(model, opt, sched, batches, steps, warmup, lambda m, x, y: m(x, y)[1])
 
 
-def _nanogpt(cfg: Any, steps: int, warmup: int, path: str | None) -> tuple[float, float]:
+def _nanogpt(cfg: Any, steps: int, warmup: int, path: str | None) -> tuple[float, float, int]:
     if not path:
         raise SystemExit("--nanogpt PATH is needed for the nanogpt implementation")
     sys.path.insert(0, path)

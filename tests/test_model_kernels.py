@@ -1,0 +1,71 @@
+"""The hand-written backwards of RMSNorm and RoPE against autograd of their textbook formulas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.norm import RMSNorm
+from models.rope import RotaryEmbedding
+
+
+def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's apply_rotary_pos_emb: x * cos + [-x2, x1] * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (3, 4, 7, 8)])
+def test_rmsnorm_matches_autograd_of_the_formula(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(shape, dtype=torch.float64)
+    ours = norm(x)
+    ours.backward(dy)
+    gx, gw = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    ref.backward(dy)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, norm.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (shape[-1],), norm.weight, 1e-6))
+
+
+def test_rmsnorm_gradcheck() -> None:
+    norm = RMSNorm(6).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = norm.weight.detach().clone().uniform_(0.5, 1.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), (x, w))
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_rope_matches_autograd_of_the_rotate_half_formula(start: int) -> None:
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(8, max_len=16).double()
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    view = x.transpose(1, 2).requires_grad_()  # non-contiguous, as the attention's (B, H, T, d) views are
+    dy = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    ours = rope(view, start)
+    ours.backward(dy)
+    g = view.grad.clone()
+    view.grad = None
+    cos, sin = rope.cos[start : start + 3], rope.sin[start : start + 3]
+    ref = rotate_half_reference(view, cos, sin)
+    ref.backward(dy)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, view.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_preserves_norms_and_relative_positions() -> None:
+    """A rotation: |R_t x| = |x|, and <R_s q, R_t k> depends only on t - s."""
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16, max_len=32).double()  # tables computed in fp32: a rotation to ~1e-7
+    q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    rq = rope(q.expand(32, 16).contiguous())  # (32, 16): q at every position
+    rk = rope(k.expand(32, 16).contiguous())
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(32), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rq[2] @ rk[7], rq[20] @ rk[25], rtol=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(rope, (torch.randn(4, 16, dtype=torch.float64, requires_grad=True),))
