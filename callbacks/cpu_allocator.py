@@ -1,12 +1,12 @@
 """Keep freed activation memory in the process on CPU, instead of handing it back to the kernel.
 
 A training step allocates and frees the same activations every step. glibc's malloc returns the
-freed top of its heap to the kernel (trim) once it exceeds a threshold, so the next step takes
-those pages back one page fault at a time, zero-filled by the kernel. On the default tiny run that
-is about 40,000 minor faults per step and 10-20% of the step's wall time. `mallopt(M_TOP_PAD)`
-makes every heap extension and every trim keep `top_pad_mb` of slack: after the first steps the
-activations are reused without a fault (measured: 40,612 -> 4,638 faults per step; the default
-Lightning run 9,400 -> 11,500 tokens/s on 2 cores; peak RSS +4%). Other allocators (macOS,
+freed top of its heap to the kernel (trim), so the next step takes those pages back one minor
+page fault at a time, each zero-filled by the kernel. `mallopt(M_TOP_PAD)` makes every heap
+extension and trim keep `top_pad_mb` of slack, so after the first steps the activations reuse
+resident pages. Measured on the README's main command for 100 steps (2 cores, two runs each):
+3.87M / 3.62M minor faults without, 0.31M / 0.30M with; system time 10.7 / 9.8 s -> 2.9 / 2.9 s;
+median throughput window 10,142 / 10,464 -> 11,585 / 11,265 tokens/s. Other allocators (macOS,
 musl) are left as they are.
 """
 
@@ -20,12 +20,13 @@ import lightning as L
 log = logging.getLogger(__name__)
 
 M_TOP_PAD = -2  # mallopt parameter number, glibc <malloc.h>
+MAX_TOP_PAD_MB = 2047  # mallopt takes a C int of bytes
 
 
 def retain_freed_heap(top_pad_mb: int) -> bool:
     """Set glibc's M_TOP_PAD to `top_pad_mb` MiB; True if set, False where malloc is not glibc's."""
-    if top_pad_mb < 0:
-        raise ValueError(f"top_pad_mb must be >= 0, got {top_pad_mb}")
+    if not 0 <= top_pad_mb <= MAX_TOP_PAD_MB:
+        raise ValueError(f"top_pad_mb must be in [0, {MAX_TOP_PAD_MB}], got {top_pad_mb}")
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -39,8 +40,9 @@ class RetainFreedHeap(L.Callback):
 
     def __init__(self, top_pad_mb: int = 1024) -> None:
         super().__init__()
-        if top_pad_mb < 0:
-            raise ValueError(f"callbacks.cpu_allocator.top_pad_mb must be >= 0, got {top_pad_mb}")
+        if not 0 <= top_pad_mb <= MAX_TOP_PAD_MB:
+            raise ValueError(f"callbacks.cpu_allocator.top_pad_mb must be in [0, {MAX_TOP_PAD_MB}] (MiB), "
+                             f"got {top_pad_mb}")
         self.top_pad_mb = top_pad_mb
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
