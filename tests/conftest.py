@@ -47,3 +47,14 @@ def wandb_files(run_dir: Path) -> list[Path]:
 def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tokenized KJV cache shared by every test of the session."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def surgery_checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
+    """`checkpoints/last.ckpt` of one real debug training run, shared by the surgery tests."""
+    root = tmp_path_factory.mktemp("surgery_runs")
+    proc = run_train("trainer=debug", "logger=csv", "spectral=off", f"paths.root={root}",
+                     f"paths.cache_dir={corpus_cache}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (done,) = root.glob("default/*/DONE")
+    return done.parent / "checkpoints" / "last.ckpt"

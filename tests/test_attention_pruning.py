@@ -22,7 +22,7 @@ from analysis.attention_pruning import (
 )
 from models import GPT, GPTConfig
 from models.attention.kv_shift import shift
-from tests.test_laser import check_edited_checkpoint, run_tool, surgery_checkpoint
+from tests.surgery_helpers import check_edited_checkpoint, run_tool
 
 VARIANTS = [{"name": "mha"}, {"name": "gqa", "n_kv_head": 2}, {"name": "kv_shift", "n_kv_head": 2}]
 
@@ -142,14 +142,9 @@ def test_mla_is_refused_with_a_clear_error() -> None:
         prune_qk(m, torch.randint(0, 53, (1, 8)), PruneConfig(method="magnitude"))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
-    return surgery_checkpoint(tmp_path_factory, corpus_cache)
-
-
-def test_entry_point_prunes_and_writes_a_loadable_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+def test_entry_point_prunes_and_writes_a_loadable_checkpoint(surgery_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "prune"
-    proc = run_tool("trainer.prune", f"ckpt='{checkpoint}'", f"out={out}", "sparsity=0.5", "method=learned",
+    proc = run_tool("trainer.prune", f"ckpt='{surgery_checkpoint}'", f"out={out}", "sparsity=0.5", "method=learned",
                     "study=true", "study_sparsities=[0.3,0.7]", "study_methods=[magnitude,wanda]",
                     "prune.learn.steps=5", "calib.n_blocks=2", "eval.n_blocks=4", "eval.n_attn_blocks=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -160,7 +155,7 @@ def test_entry_point_prunes_and_writes_a_loadable_checkpoint(checkpoint: Path, t
     assert all(r["attn_err"] > 0 and r["val_ppl"] > 1 for r in rows[1:])
     assert (out / "results.csv").read_text().startswith("method,sparsity,attn_err")
     assert (out / "prune.png").stat().st_size > 0
-    module = check_edited_checkpoint(out / "pruned.ckpt", checkpoint)
+    module = check_edited_checkpoint(out / "pruned.ckpt", surgery_checkpoint)
     for block in module.model.blocks:
         assert (block.attn.q_proj.weight == 0).float().mean() == 0.5
         assert (block.attn.k_proj.weight == 0).float().mean() == 0.5

@@ -25,7 +25,7 @@ from analysis.tasks import (
 )
 from models import GPT, GPTConfig
 from models.head_gate import head_gates, head_output_means, head_shape
-from tests.test_laser import run_tool, surgery_checkpoint
+from tests.surgery_helpers import run_tool
 
 ALL_VARIANTS = [
     {"name": "mha"}, {"name": "gqa", "n_kv_head": 2}, {"name": "kv_shift"},
@@ -225,14 +225,9 @@ def test_kmshc_on_a_model_trained_on_agreement_and_brackets() -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
-    return surgery_checkpoint(tmp_path_factory, corpus_cache)
-
-
-def test_entry_point_writes_circuits_overlap_and_heatmap(checkpoint: Path, tmp_path: Path) -> None:
+def test_entry_point_writes_circuits_overlap_and_heatmap(surgery_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "circuits"
-    proc = run_tool("trainer.circuits", f"ckpt='{checkpoint}'", f"out={out}", "tasks=[agreement,brackets]",
+    proc = run_tool("trainer.circuits", f"ckpt='{surgery_checkpoint}'", f"out={out}", "tasks=[agreement,brackets]",
                     "data.n_pairs=16", "search.n_samples=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "circuits.json").read_text())

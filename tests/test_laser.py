@@ -1,17 +1,11 @@
 """LASER: the rank-reduction intervention, the search pieces, and the entry point on a real checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import LambdaCallback
 
 from analysis.laser import (
     Intervention,
@@ -28,9 +22,8 @@ from analysis.laser import (
     target_rank,
 )
 from models import GPT, GPTConfig
-from tests.conftest import ROOT, run_train
-from trainer.checkpoints import load_lit_gpt, run_datamodule
-from trainer.lit_gpt import LitGPT
+from tests.surgery_helpers import check_edited_checkpoint, run_tool
+from trainer.checkpoints import load_lit_gpt
 
 ATTENTIONS = [{"name": "mha"}, {"name": "gqa", "n_kv_head": 2}, {"name": "mla", "kv_lora_rank": 16,
               "q_lora_rank": 24}, {"name": "mla_prerope", "kv_lora_rank": 16}]
@@ -41,51 +34,6 @@ def tiny(attention: dict | None = None, **kw: object) -> GPT:
     cfg = GPTConfig(vocab_size=61, block_size=16, n_layer=2, d_model=32, n_head=4,
                     attention=attention or {"name": "mha"}, **kw)
     return GPT(cfg).eval()
-
-
-def surgery_checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
-    """`checkpoints/last.ckpt` of one real debug training run, shared by the surgery test modules
-    (the run directory sits in the session's base temp, and a finished run is not retrained)."""
-    root = tmp_path_factory.getbasetemp() / "surgery_runs"
-    done = list(root.glob("default/*/DONE"))
-    if not done:
-        proc = run_train("trainer=debug", "logger=csv", "spectral=off", f"paths.root={root}",
-                         f"paths.cache_dir={corpus_cache}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        done = list(root.glob("default/*/DONE"))
-    return done[0].parent / "checkpoints" / "last.ckpt"
-
-
-def run_tool(module: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a post-training entry point (`python -m trainer.<tool>`) in a subprocess from the repository root."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def check_edited_checkpoint(path: Path, source: Path) -> LitGPT:
-    """The edited checkpoint loads like a training one, generates, and Lightning's Trainer resumes
-    from it (its weights are the ones training continues from) on the source run's data."""
-    module = LitGPT.load_from_checkpoint(path, map_location="cpu").eval()
-    out = module.model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
-    assert out.shape == (1, 8)
-    edited = {k: v.clone() for k, v in module.state_dict().items()}
-    step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-    seen = {}
-
-    def record(trainer: L.Trainer, lit: LitGPT) -> None:
-        seen.update({k: v.detach().clone() for k, v in lit.state_dict().items()})
-
-    trainer = L.Trainer(accelerator="cpu", max_steps=step + 1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[LambdaCallback(on_train_start=record)])
-    resumed = LitGPT.load_from_checkpoint(path, map_location="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the source run's callbacks are absent here, which Lightning mentions
-        trainer.fit(resumed, datamodule=run_datamodule(source), ckpt_path=path)
-    assert trainer.global_step == step + 1
-    assert all(torch.equal(seen[k], v) for k, v in edited.items())
-    return module
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS, ids=lambda a: a["name"])
@@ -168,14 +116,9 @@ def test_search_skips_matrix_types_the_variant_lacks() -> None:
         run_search(m, x, y, SearchConfig(taus=["o"], layers=[5], compose=False, rmt=False))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
-    return surgery_checkpoint(tmp_path_factory, corpus_cache)
-
-
-def test_entry_point_writes_grid_plot_and_loadable_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+def test_entry_point_writes_grid_plot_and_loadable_checkpoint(surgery_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "laser"
-    proc = run_tool("trainer.laser", f"ckpt='{checkpoint}'", f"out={out}", "search.taus=[mlp_in,o]",
+    proc = run_tool("trainer.laser", f"ckpt='{surgery_checkpoint}'", f"out={out}", "search.taus=[mlp_in,o]",
                     "search.layers=[2,3]", "search.rhos=[0.5,0.05]", "search.compose_schedule=[0.45,0.9]",
                     "eval.n_blocks=10")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -191,7 +134,7 @@ def test_entry_point_writes_grid_plot_and_loadable_checkpoint(checkpoint: Path, 
     assert {"kind", "tau", "layer", "rho", "val_loss", "test_loss", "test_acc"} <= set(header)
     assert (out / "laser.png").stat().st_size > 0
 
-    module = check_edited_checkpoint(out / "laser.ckpt", checkpoint)
+    module = check_edited_checkpoint(out / "laser.ckpt", surgery_checkpoint)
     ckpt = torch.load(out / "laser.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6 and ckpt["qkscope_edit"]["tool"] == "laser"
     for applied in ckpt["qkscope_edit"]["applied"]:

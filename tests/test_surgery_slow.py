@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_train
-from tests.test_laser import run_tool
+from tests.surgery_helpers import run_tool
 
 
 @pytest.mark.slow
