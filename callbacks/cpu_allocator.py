@@ -23,10 +23,15 @@ M_TOP_PAD = -2  # mallopt parameter number, glibc <malloc.h>
 MAX_TOP_PAD_MB = 2047  # mallopt takes a C int of bytes
 
 
+def check_top_pad_mb(top_pad_mb: int, key: str = "top_pad_mb") -> None:
+    """Raise ValueError naming `key` unless 0 <= top_pad_mb <= MAX_TOP_PAD_MB."""
+    if not 0 <= top_pad_mb <= MAX_TOP_PAD_MB:
+        raise ValueError(f"{key} must be in [0, {MAX_TOP_PAD_MB}] (MiB), got {top_pad_mb}")
+
+
 def retain_freed_heap(top_pad_mb: int) -> bool:
     """Set glibc's M_TOP_PAD to `top_pad_mb` MiB; True if set, False where malloc is not glibc's."""
-    if not 0 <= top_pad_mb <= MAX_TOP_PAD_MB:
-        raise ValueError(f"top_pad_mb must be in [0, {MAX_TOP_PAD_MB}], got {top_pad_mb}")
+    check_top_pad_mb(top_pad_mb)
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -40,9 +45,7 @@ class RetainFreedHeap(L.Callback):
 
     def __init__(self, top_pad_mb: int = 1024) -> None:
         super().__init__()
-        if not 0 <= top_pad_mb <= MAX_TOP_PAD_MB:
-            raise ValueError(f"callbacks.cpu_allocator.top_pad_mb must be in [0, {MAX_TOP_PAD_MB}] (MiB), "
-                             f"got {top_pad_mb}")
+        check_top_pad_mb(top_pad_mb, "callbacks.cpu_allocator.top_pad_mb")  # at instantiation: before any work
         self.top_pad_mb = top_pad_mb
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -10,8 +10,6 @@ the minimum over `--reps` calls is reported (the least disturbed on a shared mac
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models.norm import RMSNorm
+from scripts.bench_train import machine_info
 
 SHAPE = (32, 128, 128)  # (B, T, C) of the default run
 
@@ -58,8 +57,7 @@ def main() -> None:
     base = results["qkscope RMSNorm"]
     for name, ms in results.items():
         print(f"{name:32s} {ms:7.3f} ms  ({ms / base:.2f}x qkscope)")
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-               "threads": args.threads, "torch": torch.__version__, "load_avg": os.getloadavg()}
+    machine = {**machine_info(args.threads), "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "shape": SHAPE, "fwd_bwd_ms": results}, indent=1))
     print(f"wrote {args.out}")

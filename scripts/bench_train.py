@@ -51,6 +51,12 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def machine_info(threads: int) -> dict[str, Any]:
+    """The machine a benchmark ran on, as recorded in its JSON."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "threads": threads, "load_avg": os.getloadavg()}
+
+
 def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -266,10 +272,9 @@ def main() -> None:
         rows.append({**r, "ratio": r["tokens_per_s"] / other["tokens_per_s"], "ratio_vs": ref} if other else r)
     pairs = [_run_worker("interleaved", size, "mha-gelu", args, args.pair_steps) for size in args.sizes
              if args.nanogpt]
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-               "threads": args.threads, "load_avg": os.getloadavg()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows, "interleaved": pairs}, indent=1))
+    report = {"machine": machine_info(args.threads), "rows": rows, "interleaved": pairs}
+    Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\n{'size':5s} {'variant':12s} {'impl':9s} {'tok/s':>9s} {'peak MB':>8s} ratio")
     for r in rows:
         ratio = f"{r['ratio']:.3f} x {r['ratio_vs']}" if "ratio" in r else ""
