@@ -1,5 +1,6 @@
 """The spectral history a run writes to RUN_DIR/spectra/step*.npz, loaded as (step, layer) arrays."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,3 +38,28 @@ def load_history(spectra_dir: str | Path) -> SpectralHistory:
         raise FileNotFoundError(f"no spectral history (step*.npz) in {spectra_dir}")
     checks = [dict(np.load(f)) for f in files]
     return SpectralHistory(steps=[int(c["step"]) for c in checks], checks=checks)
+
+
+@dataclass
+class LogitHistory:
+    """The logit checks a run wrote to RUN_DIR/logits.jsonl: per check, per layer and head."""
+
+    steps: np.ndarray  # (S,)
+    max_logit: np.ndarray  # (S, L, H) measured max |logit| on the probe batch
+    bound: np.ndarray  # (S, L, H) weight-only bound
+    entropy: np.ndarray  # (S, L, H) mean attention entropy, nats
+
+
+def load_logit_history(path: str | Path) -> LogitHistory:
+    """Read logits.jsonl (one JSON record per logit check), sorted by step; a repeated step keeps its last record."""
+    records = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[int(record["step"])] = record
+    if not records:
+        raise FileNotFoundError(f"no logit checks in {path}")
+    steps = sorted(records)
+    grid = {name: np.array([records[s][name] for s in steps], dtype=np.float64)
+            for name in ("max_logit", "bound", "entropy")}
+    return LogitHistory(steps=np.array(steps), **grid)

@@ -62,14 +62,71 @@ def step_layer_heatmap(steps: Sequence[int], values: np.ndarray, title: str, lab
     return fig
 
 
-def lines_over_steps(steps: Sequence[int], values: np.ndarray, title: str, ylabel: str) -> Figure:
+def lines_over_steps(steps: Sequence[int], values: np.ndarray, title: str, ylabel: str,
+                     log_y: bool = False) -> Figure:
     """One line per layer of a (S, L) history."""
     fig, ax = plt.subplots(figsize=(7, 3))
     for layer in range(values.shape[1]):
         ax.plot(steps, values[:, layer], label=f"L{layer}")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=min(6, values.shape[1]))
+    fig.tight_layout()
+    return fig
+
+
+def loss_with_alerts(curves: dict[str, tuple[np.ndarray, np.ndarray]], alerts: Sequence[dict]) -> Figure:
+    """Loss curves (name -> (steps, values)) with each alert as a marker on the first curve at its step:
+    x for WARN/ERROR, a small dot for INFO, labelled with the rule."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, label=name)
+    steps, values = next(iter(curves.values()))
+    for level, marker, colour in (("INFO", ".", "tab:gray"), ("WARN", "x", "tab:red"), ("ERROR", "X", "black")):
+        hits = [a for a in alerts if a["level"] == level]
+        if hits and len(steps):
+            xs = [a["step"] for a in hits]
+            ax.plot(xs, np.interp(xs, steps, values), marker, color=colour, ms=8, ls="none",
+                    label=f"{level}: " + ", ".join(sorted({a['rule'] for a in hits})))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss, with alerts", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def alert_bench_figure(records: dict, labels: dict) -> Figure:
+    """The alerts benchmark: max logit (top) and train loss (bottom) over steps, one line per run,
+    coloured by label; x marks each run's first WARN, o its failure step (analysis/alert_bench.py)."""
+    colours = {"healthy": "tab:green", "damaged": "tab:orange", "diverged": "tab:red"}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for name, r in records.items():
+        lab = labels[name]
+        c = colours[lab.label]
+        top.plot(r.logit_steps, r.max_logit, color=c, lw=0.8, alpha=0.7)
+        bottom.plot(r.steps, r.train_loss, color=c, lw=0.8, alpha=0.7)
+        warns = [a["step"] for a in r.alerts if a["level"] in ("WARN", "ERROR")]
+        if warns:
+            w = min(warns)
+            top.plot([w], [np.interp(w, r.logit_steps, r.max_logit)], "x", color="black", ms=6)
+            bottom.plot([w], [np.interp(w, r.steps, r.train_loss)], "x", color="black", ms=6)
+        if lab.fail_step is not None:
+            bottom.plot([lab.fail_step], [np.interp(lab.fail_step, r.steps, r.train_loss)], "o", mfc="none",
+                        color=c, ms=7)
+    top.set_yscale("log")
+    top.set_ylabel("max attention logit (probe batch)")
+    bottom.set_ylabel("train loss")
+    bottom.set_xlabel("step")
+    for lab, c in colours.items():
+        top.plot([], [], color=c, label=lab)
+    top.plot([], [], "x", color="black", label="first WARN")
+    bottom.plot([], [], "o", mfc="none", color="gray", label="labelled failing from")
+    top.legend(loc="lower right", fontsize=8)
+    bottom.legend(loc="upper right", fontsize=8)
+    top.set_title("Alerts benchmark: attention logits and loss of every run")
     fig.tight_layout()
     return fig

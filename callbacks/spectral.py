@@ -4,7 +4,14 @@ Rank 0 reads the model's QK probe (`pl_module.qk_factors()`, nothing else about 
 hands it to `analysis.SpectralAnalyzer`, evaluates the alert rules, and logs: scalars through
 the Lightning loggers at `trainer/global_step`, ESD histograms, an image every M checks, a
 table of per-head metrics, `alerts.jsonl` and the spectral history under `<run_dir>/spectra/`.
-Alerts go to `wandb.alert` as well. Actions per level: log, checkpoint, stop.
+Alerts go to `wandb.alert` as well. Actions per level: log, checkpoint, stop, qk_clip.
+
+Every `logit_every_n_steps` (a cheaper check, also at every spectral check) it measures every
+head's attention logits on a fixed held-out probe batch (max |logit|, entropy) beside their
+weight-only bound from the model's `logit_terms()`, logs them as `logits/...`, appends them to
+`<run_dir>/logits.jsonl` and evaluates the rules whose source is "logits" (`logit_growth`). The
+`qk_clip` action arms QK-Clip: from the first alert of a level carrying it, every logit check
+scales the heads whose measured max logit exceeds `qk_clip_tau` back to it.
 """
 
 import contextlib
@@ -23,12 +30,14 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from analysis import NULL_NAMES, HeadSpectra, SpectralAnalyzer, SpectralReport, benjamini_hochberg
+from analysis.logits import LogitStats, clip_factors
 from analysis.plots import esd_grid, layer_head_heatmap
+from callbacks.logit_probe import measure_logits, probe_batch
 from callbacks.spectral_rules import LEVELS, RULES, Alert, Persistence
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("log", "checkpoint", "stop")
+ACTIONS = ("log", "checkpoint", "stop", "qk_clip")
 HEAD_METRICS = ("lambda_max", "edge", "sigma2", "num_spikes", "tw_z", "stable_rank", "eff_rank",
                 "mp_softrank", "ks", "alpha", "overlap", "pvalue", "spectral_norm")
 
@@ -64,15 +73,21 @@ class SpectralHealthCallback(L.Callback):
         run_dir: str | None = None,
         cache_dir: str | None = None,
         wait_duration: int = 300,
+        logit_every_n_steps: int = 10,
+        probe_batch_size: int = 4,
+        qk_clip_tau: float = 100.0,
     ) -> None:
         super().__init__()
-        if every_n_steps <= 0:
-            raise ValueError(f"spectral.every_n_steps={every_n_steps} is invalid: it must be > 0")
+        for key, value in (("every_n_steps", every_n_steps), ("logit_every_n_steps", logit_every_n_steps),
+                           ("probe_batch_size", probe_batch_size), ("qk_clip_tau", qk_clip_tau)):
+            if not value > 0:
+                raise ValueError(f"spectral.{key}={value} is invalid: it must be > 0")
         if not 0 < fa_level < 1:
             raise ValueError(f"spectral.fa_level={fa_level} is invalid; allowed: 0 < fa_level < 1")
         if null_model not in NULL_NAMES:
             raise ValueError(f"spectral.null_model={null_model!r} is invalid; allowed: {list(NULL_NAMES)}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps, self.logit_every_n_steps = every_n_steps, logit_every_n_steps
+        self.probe_batch_size, self.qk_clip_tau = probe_batch_size, qk_clip_tau
         self.analyzer = SpectralAnalyzer(null=null_model, fa_level=fa_level, mc_draws=mc_draws, cache_dir=cache_dir)
         self.bh_q = bh_q
         self.layer_sum_every_n_checks = layer_sum_every_n_checks
@@ -80,9 +95,11 @@ class SpectralHealthCallback(L.Callback):
         self.image_every_n_checks, self.wait_duration = image_every_n_checks, wait_duration
         self.run_dir = Path(run_dir) if run_dir else None
         self.rules, self.persistence, self.start_steps = self._build_rules(rules or {}, fa_level)
-        default_actions = {"INFO": ["log"], "WARN": ["log"], "ERROR": ["log", "checkpoint"]}
+        default_actions = {"INFO": ["log"], "WARN": ["log"], "ERROR": ["log", "checkpoint", "stop"]}
         self.actions = self._check_actions(actions or default_actions)
         self.checks = 0
+        self.logit_checks = 0
+        self.clip_armed = False
         self.last_step = -1
         self.rule_memory: dict[str, dict] = {name: {} for name in self.rules}
         self.previous: SpectralReport | None = None
@@ -125,41 +142,36 @@ class SpectralHealthCallback(L.Callback):
 
     # ----------------------------------------------------------------- scheduling
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.probe = probe_batch(trainer, pl_module, self.probe_batch_size)
         if trainer.global_step == 0:
-            self._check(trainer, pl_module)
+            self._check(trainer, pl_module, spectral=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step != self.last_step and step % self.every_n_steps == 0:
-            self._check(trainer, pl_module)
+        if step == self.last_step:  # accumulation: several batches end at one optimizer step
+            return
+        spectral = step % self.every_n_steps == 0
+        if spectral or step % self.logit_every_n_steps == 0:
+            self._check(trainer, pl_module, spectral=spectral)
 
     # ----------------------------------------------------------------- one check
     @torch.no_grad()
-    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, spectral: bool) -> None:
+        """A logit check, and a spectral check too when `spectral`; then the fired alerts' actions."""
         step = trainer.global_step
         self.last_step = step
         fired: list[Alert] = []
-        with full_parameters(trainer):  # FSDP: every rank joins the gather; rank 0 reads whole weights
-            if trainer.is_global_zero:
-                start = time.perf_counter()
-                try:
-                    factors = pl_module.qk_factors()
-                    every = self.layer_sum_every_n_checks
-                    layer_sum = every > 0 and self.checks % every == 0
-                    report = self.analyzer.analyze(factors, previous=self.previous, layer_sum=layer_sum)
-                    self.previous = report
-                    fired = self._evaluate(report, step)
-                    self.checks += 1
-                    self._log(trainer, report, self._probe_meta(factors), step)
-                    self._write_history(report, step)
-                except Exception as e:  # a failed analysis (an SVD that did not converge, ...) is an alert, not a crash
-                    log.exception("spectral check at step %d failed", step)
-                    fired = [Alert("analysis_error", "ERROR", "qkscope: spectral analysis failed",
-                                   f"step {step}: {type(e).__name__}: {e}", step, ["model"])]
-                self.seconds_total += time.perf_counter() - start
-                for alert in fired:
-                    self._emit(trainer, alert)
+        stats: LogitStats | None = None
+        if trainer.is_global_zero:
+            stats, fired = self._logit_check(trainer, pl_module, step)
+        if spectral:
+            with full_parameters(trainer):  # FSDP: every rank joins the gather; rank 0 reads whole weights
+                if trainer.is_global_zero:
+                    fired += self._spectral_check(trainer, pl_module, step)
+        if trainer.is_global_zero:
+            for alert in fired:
+                self._emit(trainer, alert)
         levels = {a.level for a in fired}
         todo = sorted({act for level in levels for act in self.actions.get(level, ["log"])})
         todo = trainer.strategy.broadcast(todo, src=0)
@@ -168,24 +180,90 @@ class SpectralHealthCallback(L.Callback):
         if "stop" in todo:
             trainer.should_stop = True
             log.error("spectral health: stopping training at step %d (alert action 'stop')", step)
+        if "qk_clip" in todo and not self.clip_armed:
+            self.clip_armed = True
+            log.warning("spectral health: QK-Clip armed at step %d (tau=%g)", step, self.qk_clip_tau)
+        if self.clip_armed:
+            eta = clip_factors(stats.max_logit, self.qk_clip_tau) if stats is not None else None
+            eta = trainer.strategy.broadcast(eta, src=0)
+            if eta is not None and bool((eta < 1).any()):
+                pl_module.clip_qk_(eta)
+                log.info("step %d: QK-Clip scaled %d heads to max logit %g", step, int((eta < 1).sum()),
+                         self.qk_clip_tau)
 
-    def _evaluate(self, report: SpectralReport, step: int) -> list[Alert]:
+    def _logit_check(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     step: int) -> tuple[LogitStats | None, list[Alert]]:
+        try:
+            stats = measure_logits(pl_module, self.probe)
+        except Exception as e:  # a failed measurement is an alert, not a crash
+            log.exception("logit check at step %d failed", step)
+            return None, [Alert("analysis_error", "ERROR", "qkscope: logit check failed",
+                                f"step {step}: {type(e).__name__}: {e}", step, ["model"])]
+        fired = self._evaluate("logits", stats, step, self.logit_checks)
+        self.logit_checks += 1
+        for logger in trainer.loggers:
+            logger.log_metrics(self._logit_scalars(stats), step=step)
+        self._write_logits(stats, step)
+        return stats, fired
+
+    def _spectral_check(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> list[Alert]:
+        start = time.perf_counter()
+        try:
+            factors = pl_module.qk_factors()
+            every = self.layer_sum_every_n_checks
+            layer_sum = every > 0 and self.checks % every == 0
+            report = self.analyzer.analyze(factors, previous=self.previous, layer_sum=layer_sum)
+            self.previous = report
+            fired = self._evaluate("spectral", report, step, self.checks)
+            self.checks += 1
+            self._log(trainer, report, self._probe_meta(factors), step)
+            self._write_history(report, step)
+        except Exception as e:  # a failed analysis (an SVD that did not converge, ...) is an alert, not a crash
+            log.exception("spectral check at step %d failed", step)
+            fired = [Alert("analysis_error", "ERROR", "qkscope: spectral analysis failed",
+                           f"step {step}: {type(e).__name__}: {e}", step, ["model"])]
+        self.seconds_total += time.perf_counter() - start
+        return fired
+
+    def _evaluate(self, source: str, data: SpectralReport | LogitStats, step: int, check: int) -> list[Alert]:
         alerts = []
         for name, rule in self.rules.items():
-            if step < self.start_steps[name]:  # e.g. norms and ranks move fast during LR warmup by design
+            if rule.source != source or step < self.start_steps[name]:  # e.g. ranks move fast in warmup
                 continue
-            found = rule.exceedances(report, self.rule_memory[name])
+            found = rule.exceedances(data, self.rule_memory[name])
             details = {e.key: e.detail for e in found}
-            fire = self.persistence[name].update(self.checks, set(details))
+            fire = self.persistence[name].update(check, set(details))
             if fire:
                 keys = sorted(fire)
                 text = f"step {step}: " + "; ".join(details[k] for k in keys)
                 alerts.append(Alert(name, rule.level, f"qkscope: {rule.title}", text, step, keys))
         return alerts
 
+    @staticmethod
+    def _logit_scalars(stats: LogitStats) -> dict[str, float]:
+        out = {"logits/max_logit": float(stats.max_logit.max()), "logits/bound": float(stats.bound.max()),
+               "logits/entropy_min": float(stats.entropy.min())}
+        for layer in range(stats.max_logit.shape[0]):
+            out[f"logits/L{layer}/max_logit"] = float(stats.max_logit[layer].max())
+            out[f"logits/L{layer}/bound"] = float(stats.bound[layer].max())
+            out[f"logits/L{layer}/entropy_min"] = float(stats.entropy[layer].min())
+            out[f"logits/L{layer}/entropy_mean"] = float(stats.entropy[layer].mean())
+        return out
+
+    def _write_logits(self, stats: LogitStats, step: int) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"step": step, **{name: [[round(float(v), 6) for v in row] for row in getattr(stats, name).tolist()]
+                                   for name in ("max_logit", "bound", "entropy")}}
+        with open(self.run_dir / "logits.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     # ----------------------------------------------------------------- sinks
     def _emit(self, trainer: L.Trainer, alert: Alert) -> None:
         log.warning("[spectral %s] %s: %s", alert.level, alert.title, alert.text)
+        for logger in trainer.loggers:  # a marker at the alert's step, to overlay on the loss chart
+            logger.log_metrics({f"alerts/{alert.level}": 1.0}, step=alert.step)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "alerts.jsonl", "a") as f:
@@ -302,6 +380,8 @@ class SpectralHealthCallback(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "checks": self.checks,
+            "logit_checks": self.logit_checks,
+            "clip_armed": self.clip_armed,
             "last_step": self.last_step,
             "rule_memory": self.rule_memory,
             "persistence": {name: p.state_dict() for name, p in self.persistence.items()},
@@ -310,6 +390,8 @@ class SpectralHealthCallback(L.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.checks, self.last_step = state["checks"], state["last_step"]
+        self.logit_checks = state.get("logit_checks", 0)
+        self.clip_armed = state.get("clip_armed", False)
         self.rule_memory = {name: state["rule_memory"].get(name, {}) for name in self.rules}
         for name, p in self.persistence.items():
             if name in state["persistence"]:

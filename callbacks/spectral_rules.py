@@ -1,7 +1,9 @@
 """Alert rules of the spectral health callback.
 
-Each rule looks at one spectral check (a `SpectralReport`, plus the rule's own memory of
-earlier checks) and says which keys (a head, a layer) exceed its threshold now. The
+Each rule looks at one check, plus the rule's own memory of earlier checks, and says which keys
+(a head, a layer) exceed its threshold now. A rule's `source` says which check it reads: a
+spectral check (`SpectralReport`, every `every_n_steps`) or a logit check (`LogitStats`, every
+`logit_every_n_steps`). The
 `Persistence` tracker turns exceedances into alerts: a key fires when it exceeded in k of the
 last K checks, and not again until `cooldown` checks have passed. All state is plain lists and
 dicts, so it round-trips through a Lightning checkpoint.
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from analysis import SpectralReport
+from analysis.logits import LogitStats
 
 LEVELS = ("INFO", "WARN", "ERROR")
 
@@ -50,9 +53,10 @@ def _head_keys(mask: torch.Tensor) -> list[str]:
 class SpikeRule:
     """Heads whose λ_max exceeds the null at the Bonferroni-corrected level α / (L·H)."""
 
-    level: str = "WARN"
+    level: str = "INFO"
     fa_level: float = 0.01
 
+    source = "spectral"
     name = "spikes"
     title = "Spectral spike beyond the random-matrix null"
 
@@ -75,10 +79,11 @@ class SpikeRule:
 class LayerLocalisedRule:
     """A layer whose spike count is far above the median of the other layers (seed 000's pattern)."""
 
-    level: str = "WARN"
+    level: str = "INFO"
     factor: float = 3.0  # spikes(layer) > factor * median(other layers) ...
     min_spikes: int = 2  # ... and at least this many
 
+    source = "spectral"
     name = "layer_localised"
     title = "Layer-localised spectral anomaly"
 
@@ -103,11 +108,12 @@ class LayerLocalisedRule:
 class RankCollapseRule:
     """Effective rank below a fraction of r, or fallen fast since `window` checks ago (per layer mean)."""
 
-    level: str = "WARN"
+    level: str = "INFO"
     min_fraction: float = 0.2  # eff_rank / r below this is collapse
     max_drop: float = 0.5  # or a fall by more than this fraction ...
     window: int = 5  # ... over this many checks
 
+    source = "spectral"
     name = "rank_collapse"
     title = "Rank collapse in attention heads"
 
@@ -133,10 +139,11 @@ class RankCollapseRule:
 class RunawayNormRule:
     """Spectral norm of a layer's heads growing by more than `growth` x over `window` checks."""
 
-    level: str = "WARN"
+    level: str = "INFO"
     growth: float = 4.0
     window: int = 3
 
+    source = "spectral"
     name = "runaway_norm"
     title = "Runaway spectral norm of W_Q W_K^T"
 
@@ -159,6 +166,7 @@ class NonFiniteRule:
 
     level: str = "ERROR"
 
+    source = "spectral"
     name = "non_finite"
     title = "Non-finite attention weights"
 
@@ -168,6 +176,45 @@ class NonFiniteRule:
             bad = _head_keys(~hs.finite)
             if bad:
                 out.append(Exceedance("model", f"{kind}: non-finite factors in {', '.join(bad)}"))
+        return out
+
+
+@dataclass
+class LogitGrowthRule:
+    """A layer whose attention logits grow toward a one-hot softmax (Wortsman et al. 2023, arXiv 2309.14322).
+
+    Per layer (max over heads): the measured max logit on the probe batch above `max_logit`, or
+    the weight-only bound above `bound`, or the bound grown by more than `growth` x over `window`
+    logit checks while above `floor`.
+    """
+
+    level: str = "WARN"
+    max_logit: float = 50.0
+    bound: float = 1000.0
+    growth: float = 8.0
+    window: int = 3
+    floor: float = 100.0
+
+    name = "logit_growth"
+    title = "Attention logit growth"
+    source = "logits"
+
+    def exceedances(self, stats: LogitStats, memory: dict) -> list[Exceedance]:
+        out = []
+        logit = stats.max_logit.nan_to_num(float("inf")).amax(dim=1)  # (L,)
+        bound = stats.bound.nan_to_num(float("inf")).amax(dim=1)  # (L,)
+        before = _values_window_ago(memory, "bound", bound.tolist(), self.window)
+        for layer, (s, b) in enumerate(zip(logit.tolist(), bound.tolist(), strict=True)):
+            old = before[layer] if before is not None else None
+            why = []
+            if s > self.max_logit:
+                why.append(f"max logit {s:.3g} > {self.max_logit:g}")
+            if b > self.bound:
+                why.append(f"logit bound {b:.3g} > {self.bound:g}")
+            if old is not None and b > self.floor and b > self.growth * old:
+                why.append(f"bound grew {old:.3g} -> {b:.3g} in {self.window} checks")
+            if why:
+                out.append(Exceedance(f"L{layer}", f"layer {layer}: " + ", ".join(why)))
         return out
 
 
@@ -202,4 +249,5 @@ class Persistence:
         self.last_fired = dict(state["last_fired"])
 
 
-RULES = {cls.name: cls for cls in (SpikeRule, LayerLocalisedRule, RankCollapseRule, RunawayNormRule, NonFiniteRule)}
+RULES = {cls.name: cls for cls in (SpikeRule, LayerLocalisedRule, RankCollapseRule, RunawayNormRule, NonFiniteRule,
+                                   LogitGrowthRule)}

@@ -67,6 +67,7 @@ class GPTConfig:
     rope_base: float = 10000.0  # RoPE frequency base
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    qk_norm: bool = False  # RMSNorm on every head's query and key (MHA, GQA, KV shifting; not MLA)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def __post_init__(self) -> None:
@@ -113,6 +114,12 @@ class GPTConfig:
             )
         if not a.is_mla:
             return
+        if self.qk_norm:
+            raise ConfigError(
+                f"model.qk_norm=true is not available with attention={a.name.value}: MLA's absorbed decoding "
+                "never forms per-head keys to normalise; allowed with mha, gqa, kv_shift. For MLA bound the "
+                "logits with QK-Clip instead (qk_clip=on)"
+            )
         if a.qk_nope_head_dim == 0:
             a.qk_nope_head_dim = self.head_dim
         if a.v_head_dim == 0:

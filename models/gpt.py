@@ -5,6 +5,7 @@ optionally tied input/output embeddings; `generate()` decodes with a per-layer c
 """
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from models.cache import KVCache, LayerCache
 from models.config import GPTConfig
 from models.mlp import GELUMLP, SwiGLU
 from models.norm import RMSNorm
-from models.probe import QKFactors
+from models.probe import LogitTerm, QKFactors
 
 
 class Block(nn.Module):
@@ -115,3 +116,23 @@ class GPT(nn.Module):
     def qk_factors(self) -> list[list[QKFactors]]:
         """The QK probe of every layer: a list (content[, rope]) per block."""
         return [block.attn.qk_factors() for block in self.blocks]
+
+    def logit_terms(self) -> list[list[LogitTerm]]:
+        """Per layer, the parts of every head's attention logit with the block's norm gain folded in."""
+        return [block.attn.logit_terms(block.attn_norm.weight) for block in self.blocks]
+
+    @torch.no_grad()
+    def attention_scores(self, idx: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Layer by layer, the causal pre-softmax logits (B, H, T, T) of idx (B, T); -inf above the diagonal."""
+        T = idx.shape[1]
+        future = torch.ones(T, T, dtype=torch.bool, device=idx.device).triu(diagonal=1)
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.blocks:
+            yield block.attn.attention_scores(block.attn_norm(x)).float().masked_fill(future, float("-inf"))
+            x = block(x)
+
+    @torch.no_grad()
+    def clip_qk_(self, eta: torch.Tensor) -> None:
+        """Scale every head's logits by eta (L, H) <= 1 through its own query and key weights."""
+        for block, layer_eta in zip(self.blocks, eta, strict=True):
+            block.attn.clip_qk_(layer_eta.to(block.attn_norm.weight.device))

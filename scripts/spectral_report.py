@@ -1,15 +1,33 @@
-"""Render a run's spectral history (RUN_DIR/spectra/step*.npz) into PNGs and one HTML page.
+"""Render a run's spectral history (RUN_DIR/spectra/step*.npz), its logit checks (RUN_DIR/logits.jsonl)
+and its loss with the alerts marked on it into PNGs and one HTML page.
 
     python scripts/spectral_report.py runs/default/default [--out DIR]
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
-from analysis.history import load_history
-from analysis.plots import esd_grid, layer_head_heatmap, lines_over_steps, step_layer_heatmap
+from analysis.alert_bench import load_run
+from analysis.history import load_history, load_logit_history
+from analysis.plots import esd_grid, layer_head_heatmap, lines_over_steps, loss_with_alerts, step_layer_heatmap
+from callbacks.wandb_records import history as wandb_history
+
+
+def loss_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train/loss (and val/loss) of the run: csv/metrics.csv if the csv logger ran, else the W&B file."""
+    if (run_dir / "csv" / "metrics.csv").exists():
+        r = load_run(run_dir, run_dir.name)
+        return {"train/loss": (r.steps, r.train_loss)}
+    rows = [row for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) for row in wandb_history(f)]
+    rows = [row for row in rows if "train/loss" in row and "trainer/global_step" in row]
+    if not rows:
+        return {}
+    return {"train/loss": (np.array([row["trainer/global_step"] for row in rows], dtype=float),
+                           np.array([row["train/loss"] for row in rows], dtype=float))}
 
 
 def main() -> None:
@@ -34,6 +52,20 @@ def main() -> None:
         figures[f"{kind}_latest_heatmap"] = layer_head_heatmap(
             latest["lambda_max"] / latest["edge"], f"{kind} at step {steps[-1]}: λ_max / edge")
         figures[f"{kind}_latest_esd"] = esd_grid(latest["eigs"], latest["edge"], title=f"{kind} ESD, step {steps[-1]}")
+    if (args.run_dir / "logits.jsonl").exists():
+        logits = load_logit_history(args.run_dir / "logits.jsonl")
+        figures["logits_max_logit"] = lines_over_steps(
+            logits.steps, logits.max_logit.max(axis=2), "max attention logit on the probe batch (max over heads)",
+            "max |logit|", log_y=True)
+        figures["logits_bound"] = lines_over_steps(
+            logits.steps, logits.bound.max(axis=2), "weight-only logit bound (max over heads)", "bound", log_y=True)
+        figures["logits_entropy"] = lines_over_steps(
+            logits.steps, logits.entropy.min(axis=2), "attention entropy (min over heads)", "nats")
+    alerts_file = args.run_dir / "alerts.jsonl"
+    alerts = [json.loads(line) for line in alerts_file.read_text().splitlines()] if alerts_file.exists() else []
+    curves = loss_curves(args.run_dir)
+    if curves:
+        figures["loss_with_alerts"] = loss_with_alerts(curves, alerts)
     lines = [f"<h1>Spectral report: {args.run_dir}</h1>", f"<p>{len(history.steps)} checks, steps "
              f"{history.steps[0]}..{history.steps[-1]}</p>"]
     for name, fig in figures.items():

@@ -39,3 +39,19 @@ class PlantNaN(L.Callback):
                              batch_idx: int) -> None:
         if trainer.global_step == self.step:
             pl_module.model.blocks[0].attn.q_proj.weight[0, 0] = float("nan")
+
+
+class PlantLogitBlowup(L.Callback):
+    """Before optimizer step `step`, scale one layer's query and key weights by `factor` each
+    (its attention logits by factor²): the signature of attention-logit growth, planted."""
+
+    def __init__(self, step: int = 2, layer: int = 0, factor: float = 30.0) -> None:
+        self.step, self.layer, self.factor = step, layer, factor
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            attn = pl_module.model.blocks[self.layer].attn
+            attn.q_proj.weight.mul_(self.factor)
+            attn.k_proj.weight.mul_(self.factor)

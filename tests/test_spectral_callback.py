@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.logits import LogitStats
 from callbacks.spectral import SpectralHealthCallback
 from callbacks.wandb_records import alerts, history
 from models import GPT, GPTConfig
@@ -85,14 +86,14 @@ def test_state_round_trip_does_not_refire(tmp_path: Path) -> None:
 
     first = callback()
     report = first.analyzer.analyze(model.qk_factors())
-    fired = first._evaluate(report, step=1)
+    fired = first._evaluate("spectral", report, 1, first.checks)
     assert [a.rule for a in fired].count("spikes") == 1
     first.checks += 1
     state = first.state_dict()
 
     resumed = callback()
     resumed.load_state_dict(state)
-    refired = resumed._evaluate(resumed.analyzer.analyze(model.qk_factors()), step=2)
+    refired = resumed._evaluate("spectral", resumed.analyzer.analyze(model.qk_factors()), 2, resumed.checks)
     assert "spikes" not in [a.rule for a in refired]  # within the cool-down: not fired again
     assert resumed.checks == 1 and resumed.persistence["spikes"].last_fired == {"content:L0H0": 0}
 
@@ -107,7 +108,7 @@ def test_rule_start_step_ignores_the_warmup_phase(tmp_path: Path) -> None:
         with torch.no_grad():
             for block in model.blocks:
                 block.attn.q_proj.weight.mul_(5.0)  # W_Q W_K^T and its spectral norm grow 5x per check
-        fired = cb._evaluate(cb.analyzer.analyze(model.qk_factors()), step)
+        fired = cb._evaluate("spectral", cb.analyzer.analyze(model.qk_factors()), step, cb.checks)
         cb.checks += 1
         return [a.rule for a in fired]
 
@@ -120,9 +121,67 @@ def test_rule_start_step_ignores_the_warmup_phase(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"every_n_steps": 0}, "spectral.every_n_steps=0"), ({"rules": {"nope": {}}}, "spectral.rules.nope"),
-     ({"actions": {"WARN": ["explode"]}}, r"allowed: \['log', 'checkpoint', 'stop'\]"),
+     ({"actions": {"WARN": ["explode"]}}, r"allowed: \['log', 'checkpoint', 'stop', 'qk_clip'\]"),
+     ({"logit_every_n_steps": 0}, "spectral.logit_every_n_steps=0"),
      ({"null_model": "gauss"}, r"spectral.null_model='gauss' is invalid; allowed: \['mp', 'product'")],
 )
 def test_bad_callback_config(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SpectralHealthCallback(**kwargs)
+
+
+def test_logit_growth_rule_thresholds_and_growth() -> None:
+    """max_logit and bound thresholds, and growth of the bound over `window` checks once above `floor`."""
+    cb = SpectralHealthCallback(rules={"logit_growth": {"k": 1, "K": 1, "cooldown": 0, "window": 2}})
+
+    def check(max_logit: float, bound: float) -> list[str]:
+        stats = LogitStats(max_logit=torch.tensor([[1.0, max_logit]]), entropy=torch.ones(1, 2),
+                           bound=torch.tensor([[1.0, bound]]))
+        fired = cb._evaluate("logits", stats, cb.logit_checks, cb.logit_checks)
+        cb.logit_checks += 1
+        return [a.text for a in fired]
+
+    assert check(10, 50) == [] and check(10, 90) == []  # below every threshold, no growth window yet
+    assert check(10, 500) == ["step 2: layer 0: bound grew 50 -> 500 in 2 checks"]
+    assert check(60, 500) == ["step 3: layer 0: max logit 60 > 50"]
+    assert check(10, 2000) == ["step 4: layer 0: logit bound 2e+03 > 1000"]
+    assert check(10, 120) == []  # 120 < 8 x 500
+
+
+LOGIT_FAST = ("spectral.every_n_steps=3", "spectral.mc_draws=200", "spectral.logit_every_n_steps=1",
+              "callbacks.throughput.window_size=2")
+
+
+def test_planted_logit_blowup_warns_and_the_qk_clip_action_brings_it_back(tmp_path: Path, corpus_cache: Path) -> None:
+    """Layer 1's logits x900 before step 2: logit_growth WARNs at the check of step 2 (k=1), nothing WARNs
+    before, and the qk_clip action clips the layer to tau from then on."""
+    proc = run_train("trainer=debug", "logger=csv", *LOGIT_FAST,
+                     "+callbacks.plant._target_=tests.spectral_hooks.PlantLogitBlowup", "+callbacks.plant.step=1",
+                     "+callbacks.plant.layer=1", "spectral.actions.WARN=[log,qk_clip]", "spectral.qk_clip_tau=20",
+                     f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    records = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
+    warns = [r for r in records if r["level"] == "WARN"]
+    assert [(r["rule"], r["step"], r["keys"]) for r in warns] == [("logit_growth", 2, ["L1"])]
+    checks = [json.loads(line) for line in (run_dir / "logits.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in checks] == [0, 1, 2, 3, 4, 5, 6]
+    layer1 = {c["step"]: max(c["max_logit"][1]) for c in checks}
+    assert layer1[0] < 5 and layer1[2] > 100  # planted before step 2's update
+    assert all(layer1[s] <= 20 * 1.05 for s in (3, 4, 5, 6))  # clipped at 2; each update moves it a little
+    for c in checks:  # the bound holds at every check
+        assert all(m <= b * (1 + 1e-5) for rm, rb in zip(c["max_logit"], c["bound"], strict=True)
+                   for m, b in zip(rm, rb, strict=True))
+
+
+def test_qk_clip_callback_keeps_every_head_at_tau_in_a_real_run(tmp_path: Path, corpus_cache: Path) -> None:
+    proc = run_train("trainer=debug", "logger=csv", *LOGIT_FAST, "qk_clip=on", "qk_clip.tau=5",
+                     "+callbacks.plant._target_=tests.spectral_hooks.PlantLogitBlowup", "+callbacks.plant.step=1",
+                     f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    checks = {c["step"]: c for c in map(json.loads, (run_dir / "logits.jsonl").read_text().splitlines())}
+    for step in range(1, 7):  # the spectral callback measures after the clip of the same step
+        assert max(map(max, checks[step]["max_logit"])) <= 5 * (1 + 1e-4)
+    metrics = (run_dir / "csv" / "metrics.csv").read_text()
+    assert "qk_clip/heads_clipped" in metrics and "train/grad_norm" in metrics

@@ -49,6 +49,7 @@ class TrainSchema:
     callbacks: Any = None
     logger: Any = None
     spectral: Any = None
+    qk_clip: Any = None
     experiment_name: str = "default"
     tags: list[str] = field(default_factory=list)
     seed: int = 1337

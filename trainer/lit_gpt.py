@@ -2,7 +2,7 @@
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
-from models import GPT, AttentionConfig, GPTConfig, QKFactors
+from models import GPT, AttentionConfig, GPTConfig, LogitTerm, QKFactors
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,25 @@ class LitGPT(L.LightningModule):
     def qk_factors(self) -> list[list[QKFactors]]:
         """The model's QK probe, for the spectral callback (which knows nothing else of the model)."""
         return self.model.qk_factors()
+
+    def logit_terms(self) -> list[list[LogitTerm]]:
+        """The parts of every head's attention logit, for the weight-only logit bound."""
+        return self.model.logit_terms()
+
+    def attention_scores(self, idx: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Per layer, the causal pre-softmax logits (B, H, T, T) of a probe batch idx (B, T)."""
+        return self.model.attention_scores(idx)
+
+    def clip_qk_(self, eta: torch.Tensor) -> None:
+        """Scale every head's logits by eta (L, H) <= 1 (QK-Clip)."""
+        self.model.clip_qk_(eta)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global gradient norm before clipping (a baseline signal of training trouble)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def setup(self, stage: str) -> None:
         """Measure the FLOPs of one training batch on a meta-device copy (for ThroughputMonitor)."""

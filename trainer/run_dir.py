@@ -5,6 +5,7 @@ Layout:
     checkpoints/last.prev.ckpt  the state it replaced (fallback if last.ckpt is damaged)
     wandb_run_id            the W&B run id, reused on resume
     alerts.jsonl            spectral alerts (written by the spectral callback)
+    logits.jsonl            per-head max logit, entropy and logit bound of each logit check
     spectra/                spectral history as arrays
     DONE                    written when training finished
 """
@@ -72,6 +73,10 @@ class RunDirectory:
         return self.path / "alerts.jsonl"
 
     @property
+    def logits_file(self) -> Path:
+        return self.path / "logits.jsonl"
+
+    @property
     def spectra_dir(self) -> Path:
         return self.path / "spectra"
 
@@ -134,18 +139,19 @@ class RunDirectory:
         return path, step
 
     def rewind(self, step: int) -> None:
-        """Drop the spectral records of checks after `step`: alerts.jsonl lines and spectra/step*.npz.
+        """Drop the records of checks after `step`: alerts.jsonl and logits.jsonl lines, spectra/step*.npz.
 
         A resumed run repeats the checks after its checkpoint and writes their records again, so
         each alert is recorded once. Metric logs are append-only: W&B history cannot be edited and
         csv/metrics.csv is kept whole, so the steps a resumed run repeats appear twice there; the
         later row of a step is the one that counts.
         """
-        if self.alerts_file.exists():
-            lines = self.alerts_file.read_text().splitlines()
-            keep = [line for line in lines if line.strip() and _json_step(line) <= step]
-            if len(keep) != len(lines):
-                _write_atomic(self.alerts_file, "".join(f"{line}\n" for line in keep))
+        for records in (self.alerts_file, self.logits_file):
+            if records.exists():
+                lines = records.read_text().splitlines()
+                keep = [line for line in lines if line.strip() and _json_step(line) <= step]
+                if len(keep) != len(lines):
+                    _write_atomic(records, "".join(f"{line}\n" for line in keep))
         if self.spectra_dir.is_dir():
             for f in self.spectra_dir.glob("step*.npz"):
                 if int(f.stem.removeprefix("step")) > step:

@@ -54,6 +54,11 @@ class KVShiftAttention(GroupedQueryAttention):
         v_hat = b1 * v + b2 * shift(v, v_prev)
         return k_hat, v_hat
 
+    def key_mix(self) -> torch.Tensor:
+        """(H,) |α1| + |α2| of each query head's key head: k̂_j mixes k_j and k_{j-1}."""
+        mix = self.alpha1.detach().abs() + self.alpha2.detach().abs()  # (G,)
+        return mix.repeat_interleave(self.n_head // self.n_kv_head)
+
     def qk_factors(self) -> list[QKFactors]:
         """The base attention's factors; the shift weights go into meta (per head and means)."""
         (f,) = super().qk_factors()

@@ -27,7 +27,7 @@ from models.attention.common import causal_attention
 from models.cache import LayerCache
 from models.config import GPTConfig
 from models.norm import RMSNorm
-from models.probe import QKFactors
+from models.probe import LogitTerm, QKFactors, input_factor
 from models.rope import RotaryEmbedding
 
 
@@ -124,13 +124,26 @@ class MultiHeadLatentAttention(nn.Module):
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
     ) -> torch.Tensor:
         """Materialise per-head keys and values from the S latents; -> (B, H, T, dv)."""
+        return padded_attention(*self.heads(q_nope, q_rope, c_kv, k_rope), self.scale)
+
+    def heads(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q (B, H, T, dn+dr), k (B, H, S, dn+dr), v (B, H, S, dv) from the rotated parts."""
         B, S, _ = c_kv.shape
         H, dn = self.n_head, self.qk_nope_head_dim
         kv = self.kv_b_proj(c_kv).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, dn+dv)
         k_nope, v = kv.split([dn, self.v_head_dim], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
         k = torch.cat([k_nope, k_rope[:, None].expand(B, H, S, -1)], dim=-1)  # (B, H, S, dn+dr)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, dn+dr)
-        return padded_attention(q, k, v, self.scale)
+        return q, k, v
+
+    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax logits of x (B, T, C) attending to itself: (B, H, T, T), unmasked."""
+        q_nope, q_rope = self.query(x)
+        c_kv, k_rope = self.latent(x)
+        q, k, _ = self.heads(q_nope, self.rotary(q_rope), c_kv, self.rotary(k_rope))
+        return (q @ k.transpose(-1, -2)) * self.scale
 
     def absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
@@ -176,3 +189,49 @@ class MultiHeadLatentAttention(nn.Module):
             QKFactors(wq_nope.transpose(1, 2), wk_nope.transpose(1, 2), "content", meta),
             QKFactors(wq_rope.transpose(1, 2), wk_rope.transpose(1, 2), "rope", dict(meta)),
         ]
+
+    def query_factors(self, input_gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The query side in the coordinates it reads: the normalised query latent c_Q (gain g_q
+        folded in, norm sqrt(d_c')), or the block's normed input without query compression.
+        -> content (H, n_q, dn), rope (H, n_q, dr) factors and the input's norm bound."""
+        H, dn = self.n_head, self.qk_nope_head_dim
+        if self.q_lora_rank > 0:
+            q, norm = input_factor(self.q_b_proj.weight, H, self.q_a_layernorm.weight)  # (H, d_c', dn+dr)
+        else:
+            q, norm = input_factor(self.q_proj.weight, H, input_gain)  # (H, C, dn+dr)
+        return q[..., :dn], q[..., dn:], norm
+
+    def key_mix(self) -> torch.Tensor:
+        """(H,) absolute sum of the weights of the keys mixed into one key: 1 without a shift."""
+        return torch.ones(self.n_head, device=self.kv_b_proj.weight.device)
+
+    def logit_terms(self, input_gain: torch.Tensor) -> list[LogitTerm]:
+        """Content: q^C_h from c_Q, k^C_h = W_UK_h diag(g_kv) of the normalised latent (norm sqrt(d_c)).
+        RoPE: q^R_h from c_Q against the shared rotary key W_KR of the normed input (and its bias)."""
+        H, dc = self.n_head, self.kv_lora_rank
+        q_nope, q_rope, q_norm = self.query_factors(input_gain)
+        w_uk, _ = self.up_weights()  # (H, dn, dc)
+        k_nope = (w_uk * self.kv_a_layernorm.weight).transpose(1, 2)  # (H, dc, dn)
+        w_kr = self.kv_a_proj_with_mqa.weight[dc:]  # (dr, C)
+        b = self.kv_a_proj_with_mqa.bias
+        k_rope, k_norm = input_factor(w_kr, 1, input_gain, None if b is None else b[dc:])  # (1, C[+1], dr)
+        mix = self.key_mix()
+        return [
+            LogitTerm(q_nope, k_nope, q_norm, dc**0.5, self.scale, mix),
+            LogitTerm(q_rope, k_rope.expand(H, -1, -1), q_norm, k_norm, self.scale, mix,
+                      self.rotary.cos, self.rotary.sin),
+        ]
+
+    @torch.no_grad()
+    def clip_qk_(self, eta: torch.Tensor) -> None:
+        """Scale head h's logits by eta_h <= 1 as Kimi K2's QK-Clip does for MLA: the head's content
+        query and key up-projections by sqrt(eta_h) each, its rotary query by eta_h, and the
+        rotary key, shared by every head, not at all."""
+        H, dn, dr = self.n_head, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q_weight = (self.q_b_proj if self.q_lora_rank > 0 else self.q_proj).weight
+        q = q_weight.view(H, dn + dr, -1)  # rows of head h: [W_UQ_h; W_QR_h]
+        root = eta.sqrt().to(q.dtype)[:, None, None]
+        q[:, :dn].mul_(root)
+        q[:, dn:].mul_(eta.to(q.dtype)[:, None, None])
+        w_uk, _ = self.up_weights()  # (H, dn, dc), a view of kv_b_proj.weight
+        w_uk.mul_(root)

@@ -77,6 +77,13 @@ class MLAKVShiftAttention(MultiHeadLatentAttention):
         key_start: int,
     ) -> torch.Tensor:
         """Shift the materialised per-head keys (before RoPE) and values; -> (B, H, T, dv)."""
+        return padded_attention(*self.shifted_heads(q_nope, q_rope, c_kv, k_rope, key_start), self.scale)
+
+    def shifted_heads(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+        key_start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q (B, H, T, dn+dr), shifted and rotated k (B, H, S, dn+dr), shifted v (B, H, S, dv)."""
         B, S, _ = c_kv.shape
         H, dn, dr = self.n_head, self.qk_nope_head_dim, self.qk_rope_head_dim
         a1, a2, b1, b2 = self.shift_weights(q_nope.dtype)
@@ -88,7 +95,18 @@ class MLAKVShiftAttention(MultiHeadLatentAttention):
         k_nope, k_rope = k.split([dn, dr], dim=-1)
         k = torch.cat([k_nope, self.rotary(k_rope, key_start)], dim=-1)  # (B, H, S, dn+dr)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, dn+dr)
-        return padded_attention(q, k, v, self.scale)
+        return q, k, v
+
+    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax logits of x (B, T, C) attending to itself: (B, H, T, T), unmasked."""
+        q_nope, q_rope = self.query(x)
+        c_kv, k_rope = self.latent(x)
+        q, k, _ = self.shifted_heads(q_nope, self.rotary(q_rope), c_kv, k_rope, 0)
+        return (q @ k.transpose(-1, -2)) * self.scale
+
+    def key_mix(self) -> torch.Tensor:
+        """(H,) |α1_h| + |α2_h|: head h's key j mixes its keys j and j-1."""
+        return self.alpha1.detach().abs() + self.alpha2.detach().abs()
 
     def shifted_absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,

@@ -25,7 +25,7 @@ from models.attention.mla import padded_attention
 from models.cache import LayerCache
 from models.config import GPTConfig
 from models.norm import RMSNorm
-from models.probe import QKFactors
+from models.probe import LogitTerm, QKFactors, input_factor
 from models.rope import RotaryEmbedding
 
 
@@ -50,7 +50,10 @@ class MLAPreRoPEAttention(nn.Module):
         self.rotary = RotaryEmbedding(dn, config.block_size, config.rope_base)
         self.scale = dn**-0.5
 
-    def forward(self, x: torch.Tensor, start: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+    def heads(
+        self, x: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> rotated q, k (B, H, T, dn), v (B, H, T, dv) and the latent c_KV (B, T, dc)."""
         B, T, _ = x.shape
         H, dn = self.n_head, self.qk_nope_head_dim
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
@@ -58,7 +61,11 @@ class MLAPreRoPEAttention(nn.Module):
         c_kv = self.kv_a_layernorm(self.kv_a_proj(x))  # (B, T, dc)
         kv = self.kv_b_proj(c_kv).view(B, T, H, -1).transpose(1, 2)  # (B, H, T, dn+dv)
         k, v = kv.split([dn, self.v_head_dim], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
-        k = self.rotary(k, start)
+        return q, self.rotary(k, start), v, c_kv
+
+    def forward(self, x: torch.Tensor, start: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v, c_kv = self.heads(x, start)
         if cache is not None:
             k = cache.extend("k", k, dim=2)  # (B, H, start+T, dn)
             c_kv = cache.extend("c_kv", c_kv, dim=1)  # (B, start+T, dc)
@@ -67,6 +74,11 @@ class MLAPreRoPEAttention(nn.Module):
         else:  # training and prefill
             y = padded_attention(q, k, v, self.scale)  # (B, H, T, dv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax logits of x (B, T, C) attending to itself: (B, H, T, T), unmasked."""
+        q, k, _, _ = self.heads(x)
+        return (q @ k.transpose(-1, -2)) * self.scale
 
     def latent_value_attention(self, q: torch.Tensor, k: torch.Tensor, c_kv: torch.Tensor) -> torch.Tensor:
         """Per-head keys, values read from the shared latents with W_UV absorbed; -> (B, H, T, dv).
@@ -109,3 +121,26 @@ class MLAPreRoPEAttention(nn.Module):
             "qk_nope_head_dim": float(dn),
         }
         return [QKFactors(wq.view(H, dn, -1).transpose(1, 2), wk.transpose(1, 2), "content", meta)]
+
+    def logit_terms(self, input_gain: torch.Tensor) -> list[LogitTerm]:
+        """One rotated term: the query from c_Q (norm sqrt(d_c')) or the normed input, the key
+        W_UK_h diag(g_kv) of the normalised latent (norm sqrt(d_c)), RoPE between them."""
+        H = self.n_head
+        if self.q_lora_rank > 0:
+            query, q_norm = input_factor(self.q_b_proj.weight, H, self.q_a_layernorm.weight)  # (H, d_c', dn)
+        else:
+            query, q_norm = input_factor(self.q_proj.weight, H, input_gain)  # (H, C, dn)
+        w_uk, _ = self.up_weights()  # (H, dn, dc)
+        key = (w_uk * self.kv_a_layernorm.weight).transpose(1, 2)  # (H, dc, dn)
+        mix = torch.ones(H, device=key.device)
+        return [LogitTerm(query, key, q_norm, self.kv_lora_rank**0.5, self.scale, mix,
+                          self.rotary.cos, self.rotary.sin)]
+
+    @torch.no_grad()
+    def clip_qk_(self, eta: torch.Tensor) -> None:
+        """Scale head h's logits by eta_h <= 1: its query and key up-projections by sqrt(eta_h) each."""
+        root = eta.sqrt()[:, None, None]
+        q_weight = (self.q_b_proj if self.q_lora_rank > 0 else self.q_proj).weight
+        q_weight.view(self.n_head, self.qk_nope_head_dim, -1).mul_(root.to(q_weight.dtype))
+        w_uk, _ = self.up_weights()  # (H, dn, dc), a view of kv_b_proj.weight
+        w_uk.mul_(root.to(w_uk.dtype))
