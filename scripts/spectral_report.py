@@ -9,25 +9,11 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 
-from analysis.alert_bench import load_run
+from analysis.compare import series
 from analysis.history import load_history, load_logit_history
 from analysis.plots import esd_grid, layer_head_heatmap, lines_over_steps, loss_with_alerts, step_layer_heatmap
-from callbacks.wandb_records import history as wandb_history
-
-
-def loss_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """train/loss (and val/loss) of the run: csv/metrics.csv if the csv logger ran, else the W&B file."""
-    if (run_dir / "csv" / "metrics.csv").exists():
-        r = load_run(run_dir, run_dir.name)
-        return {"train/loss": (r.steps, r.train_loss)}
-    rows = [row for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) for row in wandb_history(f)]
-    rows = [row for row in rows if "train/loss" in row and "trainer/global_step" in row]
-    if not rows:
-        return {}
-    return {"train/loss": (np.array([row["trainer/global_step"] for row in rows], dtype=float),
-                           np.array([row["train/loss"] for row in rows], dtype=float))}
+from trainer.sweep import metric_rows
 
 
 def main() -> None:
@@ -63,9 +49,9 @@ def main() -> None:
             logits.steps, logits.entropy.min(axis=2), "attention entropy (min over heads)", "nats")
     alerts_file = args.run_dir / "alerts.jsonl"
     alerts = [json.loads(line) for line in alerts_file.read_text().splitlines()] if alerts_file.exists() else []
-    curves = loss_curves(args.run_dir)
-    if curves:
-        figures["loss_with_alerts"] = loss_with_alerts(curves, alerts)
+    steps, loss = series(metric_rows(args.run_dir), "train/loss")  # csv/metrics.csv, else the .wandb files
+    if steps.size:
+        figures["loss_with_alerts"] = loss_with_alerts({"train/loss": (steps, loss)}, alerts)
     lines = [f"<h1>Spectral report: {args.run_dir}</h1>", f"<p>{len(history.steps)} checks, steps "
              f"{history.steps[0]}..{history.steps[-1]}</p>"]
     for name, fig in figures.items():
