@@ -86,9 +86,16 @@ def test_only_global_rank_zero_keeps_books(env: dict[str, str], zero: bool, monk
     assert is_global_zero() is zero
 
 
-def tiny_model() -> torch.nn.Module:
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, d_model=32, n_head=2))
-    return SimpleNamespace(qk_factors=model.qk_factors)
+def tiny_model() -> GPT:
+    return GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, d_model=32, n_head=2))
+
+
+def callback(run_dir: Path, cache: Path, **kwargs: object) -> SpectralHealthCallback:
+    """A callback that checks every step, with the probe batch on_train_start would have taken."""
+    cb = SpectralHealthCallback(every_n_steps=1, null_model="mp", mc_draws=10, run_dir=str(run_dir),
+                                cache_dir=str(cache), **kwargs)
+    cb.probe = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    return cb
 
 
 def stub_trainer(rank_zero: bool, strategy: object = None) -> SimpleNamespace:
@@ -100,10 +107,9 @@ def stub_trainer(rank_zero: bool, strategy: object = None) -> SimpleNamespace:
 def test_only_rank_zero_computes_and_writes_spectra(tmp_path: Path) -> None:
     planted = {"spikes": {"level": "WARN", "k": 1, "K": 1}}  # any finding alerts at once
     for rank_zero, run_dir in ((False, tmp_path / "rank1"), (True, tmp_path / "rank0")):
-        cb = SpectralHealthCallback(every_n_steps=1, null_model="mp", mc_draws=10, rules=planted,
-                                    run_dir=str(run_dir), cache_dir=str(tmp_path / "nulls"))
+        cb = callback(run_dir, tmp_path / "nulls", rules=planted)
         probe = tiny_model() if rank_zero else SimpleNamespace(qk_factors=pytest.fail)  # rank 1 never reads it
-        cb._check(stub_trainer(rank_zero), probe)
+        cb._check(stub_trainer(rank_zero), probe, spectral=True)
         assert (run_dir / "spectra" / "step0000000.npz").exists() is rank_zero
     assert not (tmp_path / "rank1").exists()  # nothing at all: no spectra/, no alerts.jsonl
 
@@ -143,13 +149,12 @@ def test_under_fsdp_every_rank_gathers_and_rank_zero_reads(tmp_path: Path, monke
     wrapped = torch.nn.Linear(2, 2)
     strategy.model = wrapped  # stands for the FSDP-wrapped LightningModule
     strategy.broadcast = lambda obj, src=0: obj
-    model = tiny_model()
-    read_inside = []
-    probe = SimpleNamespace(qk_factors=lambda: read_inside.append(bool(inside)) or model.qk_factors())
+    probe = tiny_model()
+    factors, read_inside = probe.qk_factors, []
+    probe.qk_factors = lambda: read_inside.append(bool(inside)) or factors()
     for rank_zero in (True, False):
-        cb = SpectralHealthCallback(every_n_steps=1, null_model="mp", mc_draws=10, run_dir=str(tmp_path),
-                                    cache_dir=str(tmp_path / "nulls"))
-        cb._check(stub_trainer(rank_zero, strategy), probe)
+        cb = callback(tmp_path, tmp_path / "nulls")
+        cb._check(stub_trainer(rank_zero, strategy), probe, spectral=True)
     assert [(m, k) for m, k in calls] == [(wrapped, {"writeback": False, "rank0_only": True})] * 2
     assert read_inside == [True]  # rank 0 read the probe inside the gather; rank 1 only took part
     assert spectral_module.full_parameters(stub_trainer(True)).__class__ is contextlib.nullcontext

@@ -119,7 +119,7 @@ def test_qk_norm_bounds_logits_by_its_gains_and_is_refused_for_mla() -> None:
     idx = torch.randint(0, 300, (4, 32))
     stats = logit_stats(trained(normed, lr=1e-1).attention_scores(idx), normed.logit_terms())
     attn = normed.blocks[0].attn
-    gain_bound = attn.q_norm.weight.abs().max() * attn.k_norm.weight.abs().max() * attn.head_dim**0.5
+    gain_bound = (attn.q_norm.weight.abs().max() * attn.k_norm.weight.abs().max()).item() * attn.head_dim**0.5
     assert float(stats.bound[0].max()) <= float(gain_bound) * (1 + 1e-5)
     for name in sorted(MLA):
         with pytest.raises(ConfigError, match=rf"model.qk_norm=true is not available with attention={name}"):
