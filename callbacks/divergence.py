@@ -40,6 +40,7 @@ class DivergenceGuard(L.Callback):
         self.check_grads = check_grads
         self._loss_ok: torch.Tensor | None = None
         self.diverged_at: int | None = None  # the step whose update was skipped
+        self.stop_reason: str | None = None  # why training was stopped, for the entry point's exit message
         self.saved: Path | None = None  # the checkpoint of the last finite state
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -64,7 +65,7 @@ class DivergenceGuard(L.Callback):
         weights_ok = trainer.strategy.reduce_boolean_decision(weights_ok, all=True)
         if weights_ok and self.dirpath is not None:
             self.saved = self.dirpath / f"diverged-step{step:07d}.ckpt"
-            trainer.save_checkpoint(self.saved)  # before this step's update: the last finite state
+            trainer.save_checkpoint(self.saved, weights_only=False)  # before this step's update: the last finite state
             kept = f"the last finite state (step {step}, before this update) is saved in {self.saved}"
         elif weights_ok:
             kept = "no checkpoint written (callbacks.divergence.dirpath is null)"
@@ -78,6 +79,7 @@ class DivergenceGuard(L.Callback):
             for p in group["params"]:
                 p.grad = None
         trainer.should_stop = True
+        self.stop_reason = f"training diverged at step {step} (NaN/inf loss or gradient)"
         if trainer.is_global_zero:
             log.error(
                 "training diverged at step %d: the loss or a gradient is NaN/inf. The update was skipped and "

@@ -91,6 +91,8 @@ class SpectralHealthCallback(L.Callback):
         self.analyzer = SpectralAnalyzer(null=null_model, fa_level=fa_level, mc_draws=mc_draws, cache_dir=cache_dir)
         self.bh_q = bh_q
         self.layer_sum_every_n_checks = layer_sum_every_n_checks
+        if histogram_bins < 1:
+            raise ValueError(f"spectral.histogram_bins={histogram_bins} is invalid; allowed: >= 1")
         self.per_head, self.histogram_bins = per_head, min(histogram_bins, 512)
         self.image_every_n_checks, self.wait_duration = image_every_n_checks, wait_duration
         self.run_dir = Path(run_dir) if run_dir else None
@@ -100,6 +102,7 @@ class SpectralHealthCallback(L.Callback):
         self.checks = 0
         self.logit_checks = 0
         self.clip_armed = False
+        self.stop_reason: str | None = None  # why this callback stopped training, for the entry point's exit message
         self.last_step = -1
         self.rule_memory: dict[str, dict] = {name: {} for name in self.rules}
         self.previous: SpectralReport | None = None
@@ -176,9 +179,11 @@ class SpectralHealthCallback(L.Callback):
         todo = sorted({act for level in levels for act in self.actions.get(level, ["log"])})
         todo = trainer.strategy.broadcast(todo, src=0)
         if "checkpoint" in todo and self.run_dir is not None:
-            trainer.save_checkpoint(self.run_dir / "checkpoints" / f"alert-step{step:07d}.ckpt")
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / f"alert-step{step:07d}.ckpt", weights_only=False)
         if "stop" in todo:
             trainer.should_stop = True
+            names = sorted({a.rule for a in fired}) or ["an alert on rank 0"]
+            self.stop_reason = f"the spectral callback's 'stop' action at step {step} ({', '.join(names)})"
             log.error("spectral health: stopping training at step %d (alert action 'stop')", step)
         if "qk_clip" in todo and not self.clip_armed:
             self.clip_armed = True

@@ -130,6 +130,10 @@ class GPTConfig:
             a.kv_lora_rank = 4 * self.head_dim
         for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"):
             _require_positive(f"model.attention.{key}", getattr(a, key))
+        for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(a, key) > self.d_model:
+                raise ConfigError(f"model.attention.{key}={getattr(a, key)} exceeds model.d_model={self.d_model}; "
+                                  f"allowed: 1..{self.d_model} per head")
         if a.qk_rope_head_dim % 2:
             raise ConfigError(f"model.attention.qk_rope_head_dim={a.qk_rope_head_dim} is invalid: it must be even")
         if a.q_lora_rank < 0:

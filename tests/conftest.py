@@ -58,3 +58,16 @@ def surgery_checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus_cache: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     (done,) = root.glob("default/*/DONE")
     return done.parent / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
+    """The uninterrupted tiny run (tests/reliability_runs.py: TINY) every crashed run is compared with."""
+    from tests.reliability_runs import alert_records, run_dir_of, train_forked
+
+    root = tmp_path_factory.mktemp("reference")
+    proc = train_forked(root, corpus_cache, "logger=csv")
+    assert proc.returncode == 0, proc.output[-3000:]
+    run = run_dir_of(root)
+    assert len(alert_records(run)) >= 2  # the spike planted at step 0 and the one planted at step 6
+    return run

@@ -14,12 +14,14 @@ writes what it was sent and exits.
 import contextlib
 import os
 import runpy
+import shutil
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -202,3 +204,39 @@ def _await_group_exit(pgid: int, grace: float) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+BALLAST = "ballast"  # the file DiskFaultAt fills a disk with
+
+
+class DiskFaultAt(L.Callback):
+    """At the end of optimizer step `step`, fill the filesystem mounted at `path` (a real tmpfs the test
+    mounted) with a ballast file until ENOSPC; the test removes the ballast afterwards."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, Path(path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step != self.step:
+            return
+        fd = os.open(self.path / BALLAST, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError:  # ENOSPC: the disk is full
+            pass
+        finally:
+            os.close(fd)
+
+
+class DeleteWandbAt(L.Callback):
+    """After optimizer step `step`, delete the run's wandb/ directory (a user's `rm -rf` mid-run)."""
+
+    def __init__(self, step: int, run_dir: str) -> None:
+        self.step, self.run_dir = step, Path(run_dir)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            shutil.rmtree(self.run_dir / "wandb")

@@ -29,7 +29,7 @@ def check_edited_checkpoint(path: Path, source: Path) -> LitGPT:
     out = module.model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
     assert out.shape == (1, 8)
     edited = {k: v.clone() for k, v in module.state_dict().items()}
-    step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
     seen = {}
 
     def record(trainer: L.Trainer, lit: LitGPT) -> None:

@@ -53,7 +53,7 @@ def test_ddp_on_two_cpu_processes_logs_the_spectra_of_the_trained_weights(tmp_pa
     assert run_id(wandb_file) == (run_dir / "wandb_run_id").read_text().strip()
     assert (run_dir / "DONE").exists()
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
     spectra = sorted((run_dir / "spectra").glob("step*.npz"))
     assert [int(np.load(f)["step"]) for f in spectra] == [0, 2, 4]
 

@@ -135,7 +135,7 @@ def test_entry_point_writes_grid_plot_and_loadable_checkpoint(surgery_checkpoint
     assert (out / "laser.png").stat().st_size > 0
 
     module = check_edited_checkpoint(out / "laser.ckpt", surgery_checkpoint)
-    ckpt = torch.load(out / "laser.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "laser.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["qkscope_edit"]["tool"] == "laser"
     for applied in ckpt["qkscope_edit"]["applied"]:
         weight = module.model.get_submodule(applied["matrix"]).weight

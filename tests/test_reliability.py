@@ -10,7 +10,6 @@ file format, W&B and spectral faults, divergence. `pytest -m slow tests/test_rel
 many kill points with W&B records compared, and kills of a fresh `python -m trainer.train` process.
 """
 
-import csv
 import json
 import os
 import random
@@ -24,9 +23,21 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from callbacks.wandb_records import alerts, history, run_id
+from callbacks.wandb_records import alerts, run_id
 from tests.conftest import ROOT, compose_train, train_cmd, wandb_files
-from tests.reliability_hooks import KILL_ENV, WHERE, ChildRun, run_forked
+from tests.reliability_hooks import WHERE, run_forked
+from tests.reliability_runs import (
+    MAX_STEPS,
+    TINY,
+    alert_records,
+    assert_same_run,
+    csv_state,
+    max_state_difference,
+    mount_tmpfs,
+    run_dir_of,
+    train_forked,
+    wandb_state,
+)
 from trainer.checkpoint_io import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
@@ -34,105 +45,6 @@ from trainer.checkpoint_io import (
     verify_checkpoint,
 )
 from trainer.run_dir import NoUsableCheckpointError, RunDirectory
-
-MAX_STEPS = 16
-TINY = (  # a 2-layer d=64 model on 4 x 32-token batches: ~0.1 s per step on one CPU thread
-    "trainer=debug", f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=8", "trainer.deterministic=true",
-    "+trainer.enable_progress_bar=false", "callbacks.progress=null", "data.val_batches=2", "data.batch_size=4",
-    "data.block_size=32", "model.n_layer=2", "model.d_model=64", "optim.warmup_steps=4", "module.sample_tokens=0",
-    "callbacks.last_checkpoint.every_n_train_steps=4", "spectral.every_n_steps=4", "spectral.mc_draws=200",
-    "spectral.rules.spikes.k=1", "spectral.rules.spikes.K=1",
-    "+callbacks.spike._target_=tests.reliability_hooks.PlantSpikeAt", "+callbacks.spike.step=6",  # alert at step 8
-    "+callbacks.kill._target_=tests.reliability_hooks.KillAt",  # inert unless QKSCOPE_KILL_AT is set
-)
-# Metrics that measure the machine, not the training: wall-clock times and ThroughputMonitor's
-# counters (they restart with each session: the monitor keeps no state in checkpoints).
-NOT_STATE = ("time", "seconds", "per_sec", "train/batches", "train/samples", "train/lengths", "validate/")
-
-
-def run_dir_of(root: Path) -> Path:
-    (path,) = (root / "default").iterdir()
-    return path
-
-
-def train_forked(root: Path, cache: Path, *extra: str, kill: str | None = None, **kwargs: object) -> ChildRun:
-    args = [*TINY, *extra, f"paths.root={root}", f"paths.cache_dir={cache}"]
-    return run_forked(args, env={KILL_ENV: kill} if kill else None, **kwargs)
-
-
-def csv_state(run_dir: Path) -> dict[tuple[int, str], str]:
-    """(step, metric) -> value from csv/metrics.csv, the later row winning where a resumed run repeated a step."""
-    out = {}
-    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if value != "" and key != "step" and not any(s in key for s in NOT_STATE):
-                    out[int(row["step"]), key] = value
-    return out
-
-
-def wandb_state(run_dir: Path) -> dict[tuple[int, str], object]:
-    """(trainer/global_step, metric) -> value over every W&B session of a run, the later one winning."""
-    out = {}
-    for f in wandb_files(run_dir):
-        for row in history(f):
-            step = row.get("trainer/global_step")
-            for key, value in row.items():
-                if step is not None and not key.startswith("_") and not any(s in key for s in NOT_STATE):
-                    out[int(step), key] = value
-    return out
-
-
-def alert_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "alerts.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
-
-
-def max_state_difference(a: Path, b: Path) -> float:
-    """Largest absolute difference between two checkpoints' weights, optimizer moments and LR state."""
-    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
-    assert ca["global_step"] == cb["global_step"]
-    assert ca["lr_schedulers"] == cb["lr_schedulers"]  # LambdaLR: last_epoch, base_lrs, _last_lr
-    assert ca["state_dict"].keys() == cb["state_dict"].keys()
-    diffs = [float((ca["state_dict"][k] - cb["state_dict"][k]).abs().max()) for k in ca["state_dict"]]
-    sa, sb = ca["optimizer_states"][0]["state"], cb["optimizer_states"][0]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            diffs.append(float((sa[i][name] - sb[i][name]).abs().max()))
-    return max(diffs)
-
-
-def assert_same_run(reference: Path, resumed: Path, tolerance: float = 1e-6) -> float:
-    """The resumed run's records and final state equal the uninterrupted run's; returns the max difference."""
-    ref_csv, got_csv = csv_state(reference), csv_state(resumed)
-    assert ref_csv.keys() == got_csv.keys()
-    losses = [(k, float(v), float(got_csv[k])) for k, v in ref_csv.items() if k[1] in ("train/loss", "val/loss")]
-    assert len(losses) >= MAX_STEPS
-    curve_diff = max(abs(a - b) for _, a, b in losses)
-    assert curve_diff <= tolerance, [x for x in losses if abs(x[1] - x[2]) > tolerance][:5]
-    others = [k for k in ref_csv if "loss" not in k[1]]  # LR, spectral metrics, val/ppl, epoch: exactly equal
-    assert [ref_csv[k] for k in others] == [got_csv[k] for k in others]
-    assert alert_records(reference) == alert_records(resumed)  # every alert once, none re-fired
-    assert sorted(p.name for p in (reference / "spectra").glob("*.npz")) == sorted(
-        p.name for p in (resumed / "spectra").glob("*.npz"))
-    state_diff = max(max_state_difference(reference / "checkpoints" / name, resumed / "checkpoints" / name)
-                     for name in ("last.ckpt", "best.ckpt"))
-    assert state_diff <= tolerance
-    assert (resumed / "DONE").exists()
-    return max(curve_diff, state_diff)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
-    """The uninterrupted run every crashed run is compared with."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = train_forked(root, corpus_cache, "logger=csv")
-    assert proc.returncode == 0, proc.output[-3000:]
-    run = run_dir_of(root)
-    assert len(alert_records(run)) >= 2  # the spike planted at step 0 and the one planted at step 6
-    return run
 
 
 def random_kill_point(rng: random.Random, where: str | None = None) -> str:
@@ -296,30 +208,6 @@ def _break_wandb_init() -> None:
     wandb.init = init
 
 
-def _mount_tmpfs(target: Path, options: str, fill: bool) -> None:
-    """In the child: a private mount namespace with a small tmpfs over `target` (a real full or read-only disk)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    clone_newns, ms_rec, ms_private = 0x00020000, 0x4000, 1 << 18
-    target.mkdir(parents=True, exist_ok=True)
-    if (libc.unshare(clone_newns) != 0 or libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0
-            or libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", 0, b"size=256k") != 0):
-        print("SKIP: cannot mount a tmpfs here:", os.strerror(ctypes.get_errno()))
-        os._exit(77)
-    if fill:
-        fd = os.open(target / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 65536)
-        except OSError:  # ENOSPC: the disk is full
-            pass
-        finally:
-            os.close(fd)
-    if "ro" in options.split(","):
-        libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", 0x20 | 1, None)  # MS_REMOUNT | MS_RDONLY
-
-
 @pytest.mark.parametrize("fault", ["init_raises", "disk_full"])
 def test_wandb_failure_falls_back_to_csv_and_training_continues(fault: str, corpus_cache: Path,
                                                                 tmp_path: Path) -> None:
@@ -330,7 +218,7 @@ def test_wandb_failure_falls_back_to_csv_and_training_continues(fault: str, corp
         expected = "CommError: wandb.init failed (injected fault)"
     else:  # a 256 KiB tmpfs over <run_dir>/wandb, filled up before the run starts
         target = tmp_path / "default" / _override_dirname(args) / "wandb"
-        proc = run_forked(args, prepare=lambda: _mount_tmpfs(target, "rw", fill=True))
+        proc = run_forked(args, prepare=lambda: mount_tmpfs(target, "rw", fill=True))
         if proc.returncode == 77:
             pytest.skip(proc.output.strip())
         expected = "No space left on device"
@@ -348,7 +236,7 @@ def _override_dirname(args: tuple[str, ...]) -> str:
     """The run directory name Hydra derives from the overrides (trainer/run_dir.py), for mounting over it."""
     from trainer.run_dir import run_id_from_overrides
 
-    excluded = ("paths.root", "paths.cache_dir", "trainer.max_steps")
+    excluded = ("paths.root", "paths.cache_dir")
     kept = sorted(a for a in args if a.split("=", 1)[0].lstrip("+") not in excluded)
     return run_id_from_overrides(",".join(kept))
 
@@ -358,13 +246,15 @@ def test_spectral_analysis_failure_is_an_error_alert_not_a_crash(corpus_cache: P
     takes the configured actions (log, checkpoint, stop); no exception leaves the callback."""
     proc = train_forked(tmp_path, corpus_cache, "logger=csv", "spectral.every_n_steps=2",
                         "+callbacks.svd._target_=tests.reliability_hooks.SVDFails")
-    assert proc.returncode == 0, proc.output[-3000:]
+    assert proc.returncode == 3, proc.output[-3000:]  # stopped early: not success
     run = run_dir_of(tmp_path)
     errors = [a for a in alert_records(run) if a["level"] == "ERROR"]
     assert errors and errors[0]["rule"] == "analysis_error" and errors[0]["step"] == 2
     assert "LinAlgError" in errors[0]["text"] and "failed to converge" in errors[0]["text"]
     assert verify_checkpoint(run / "checkpoints" / "alert-step0000002.ckpt")["global_step"] == 2
     assert "stopping training at step 2" in proc.output and not (run / "DONE").exists()
+    assert ("error: stopped at step 2 of 16: the spectral callback's 'stop' action at step 2 (analysis_error). "
+            "The run is not DONE") in proc.output
 
 
 # --------------------------------------------------------------------------- divergence
@@ -373,7 +263,8 @@ def test_spectral_analysis_failure_is_an_error_alert_not_a_crash(corpus_cache: P
 def test_nan_loss_stops_with_a_message_and_the_last_finite_state(corpus_cache: Path, tmp_path: Path) -> None:
     proc = train_forked(tmp_path, corpus_cache, "logger=csv",
                         "+callbacks.nan._target_=tests.reliability_hooks.LossToNaN", "+callbacks.nan.step=5")
-    assert proc.returncode == 0, proc.output[-3000:]
+    assert proc.returncode == 3, proc.output[-3000:]  # stopped early: not success
+    assert "error: stopped at step 6 of 16: training diverged at step 5 (NaN/inf loss or gradient)" in proc.output
     assert "training diverged at step 5: the loss or a gradient is NaN/inf" in proc.output
     run = run_dir_of(tmp_path)
     saved = run / "checkpoints" / "diverged-step0000005.ckpt"
@@ -488,7 +379,7 @@ def _last_checkpoint_mtime(root: Path) -> float:
 def test_read_only_wandb_directory_falls_back_to_csv(corpus_cache: Path, tmp_path: Path) -> None:
     args = (*TINY, "trainer.max_steps=4", f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}")
     target = tmp_path / "default" / _override_dirname(args) / "wandb"
-    proc = run_forked(args, prepare=lambda: _mount_tmpfs(target, "ro", fill=False))
+    proc = run_forked(args, prepare=lambda: mount_tmpfs(target, "ro", fill=False))
     if proc.returncode == 77:
         pytest.skip(proc.output.strip())
     assert proc.returncode == 0, proc.output[-3000:]

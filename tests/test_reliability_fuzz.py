@@ -9,6 +9,7 @@ One test runs a fresh `python -m trainer.train` process, the way a user does.
 """
 
 import collections
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from tests.conftest import CONF, run_train
 from tests.reliability_hooks import run_forked
 
 EXAMPLES, SLOW_EXAMPLES = 25, 300
-TRIED: collections.Counter = collections.Counter()  # inputs tried, per category (printed at the end)
+# per category: inputs tried, and how many were refused before work / named the key / left nothing behind
+OUTCOMES: collections.defaultdict = collections.defaultdict(collections.Counter)
 
 # Cheap settings, in case an input were (wrongly) accepted: the run would train 1 step and the test fail.
 SAFE = ("trainer=debug", "trainer.max_steps=1", "logger=csv", "spectral.mc_draws=50")
@@ -150,26 +152,78 @@ bad_files = st.one_of(
     st.just(BadInput("missing file", ["data=files", "data.files=['{dir}/nope.txt']"], ["{dir}/nope.txt"])),
 )
 
+def _run_case(category: str, override: str, name: str) -> BadInput:
+    return BadInput(category, [override], [name])
+
+
+# The keys the schema types loosely (trainer.*, run-level keys) and places the run writes to: each value
+# Lightning, numpy or the filesystem would reject late, or that would be accepted wrongly.
+RUN_LEVEL = [
+    *(_run_case("trainer value", f"trainer.max_steps={v}", "trainer.max_steps") for v in (-5, "abc", -1, 0)),
+    _run_case("trainer value", "trainer.precision=bogus", "trainer.precision"),
+    _run_case("trainer value", "trainer.devices=0", "trainer.devices"),
+    _run_case("trainer value", "trainer.accelerator=tpu", "trainer.accelerator"),
+    _run_case("trainer value", "trainer.val_check_interval=0", "trainer.val_check_interval"),
+    _run_case("trainer value", "trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    _run_case("trainer value", "trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+    _run_case("unknown key", "+trainer.bogus=1", "trainer.bogus"),
+    _run_case("unknown key", "+trainer.max_step=5", "did you mean max_steps"),
+    _run_case("unknown key", "+unknown.key=1", "unknown is not a key of the training config"),
+    *(_run_case("non-finite float", f"optim.{k}={v}", f"optim.{k}") for k in ("eps", "lr", "weight_decay")
+      for v in ("nan", "inf")),
+    *(_run_case("seed out of range", f"seed={v}", "seed") for v in (-1, 2**32)),
+    _run_case("out of range", "spectral.histogram_bins=0", "spectral.histogram_bins"),
+    _run_case("latent > d_model", "model.attention.v_head_dim=50000", "model.attention.v_head_dim"),
+    _run_case("path outside the runs", "experiment_name=../../x", "experiment_name"),
+    _run_case("unwritable path", "paths.root=/proc/qkscope-runs", "paths.root"),
+    _run_case("unwritable path", "paths.root=/etc/hostname/runs", "paths.root"),
+    _run_case("unwritable path", "paths.cache_dir=/proc/qkscope-cache", "paths.cache_dir"),
+    BadInput("data file is not a file", ["data=files", "data.files=['{dir}']"], ["{dir} is a directory"]),
+    BadInput("data file is not a file", ["data=files", "data.files=['/dev/zero']"],
+             ["/dev/zero is not a regular file"]),
+    _files_case("unparseable file", "a.jsonl", b"not json\n{broken\n"),
+]
+MLA_KEYS = {"model.attention.v_head_dim"}  # MLA-only keys: their cases run with attention=mla
+for case in RUN_LEVEL:
+    if any(o.split("=")[0] in MLA_KEYS for o in case.overrides):
+        case.overrides.insert(0, "attention=mla")
+
 bad_inputs = st.one_of(wrong_type, negative_size, out_of_range, non_divisible_heads(), latent_too_large,
-                       unknown_group, bad_files)
+                       unknown_group, bad_files, st.sampled_from(RUN_LEVEL))
+
+
+def _scratch_files(cache: Path) -> set[Path]:
+    """What `datasets` writes while reading (Arrow and lock files): nothing may stay once a run is refused."""
+    return {p for p in (cache / "hf").rglob("*") if p.is_file()} if (cache / "hf").is_dir() else set()
 
 
 def check(bad: BadInput, cache: Path) -> None:
-    """Run the entry point on `bad`; assert it failed before training, naming the key or file."""
-    TRIED[bad.category] += 1
+    """Run the entry point on `bad`; assert it failed before training, naming the key or file, leaving nothing."""
+    outcome = OUTCOMES[bad.category]
+    outcome["tried"] += 1
+    scratch = _scratch_files(cache)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for name, contents in bad.files.items():
             (d / name).write_bytes(contents)
         root = d / "runs"
-        args = [*SAFE, *(o.replace("{dir}", str(d)) for o in bad.overrides), f"paths.root={root}",
-                f"paths.cache_dir={cache}"]
+        args = [*SAFE, f"paths.root={root}", f"paths.cache_dir={cache}",
+                *(o.replace("{dir}", str(d)) for o in bad.overrides)]
         proc = run_forked(args, timeout=120)
         names = [n.replace("{dir}", str(d)) for n in bad.names]
-        assert proc.returncode != 0, (bad, proc.output[-2000:])
-        assert any(n in proc.output for n in names), (bad, proc.output[-2000:])
-        assert "Restoring states" not in proc.output and "Trainer.fit" not in proc.output
-        assert not root.exists() or not any(root.iterdir()), (bad, sorted(root.rglob("*")))
+        refused = proc.returncode != 0 and "Restoring states" not in proc.output and "Trainer.fit" not in proc.output
+        named = any(n in proc.output for n in names)
+        clean = (not root.exists() or not any(root.iterdir())) and _scratch_files(cache) == scratch
+        for key, ok in (("refused before work", refused), ("named the key", named), ("left nothing", clean)):
+            outcome[key] += ok
+        assert refused, (bad, proc.output[-2000:])
+        assert named, (bad, proc.output[-2000:])
+        assert clean, (bad, sorted(root.rglob("*")), _scratch_files(cache) - scratch)
+
+
+@pytest.mark.parametrize("bad", RUN_LEVEL, ids=lambda b: " ".join(b.overrides))
+def test_bad_run_level_value_fails_before_training(bad: BadInput, corpus_cache: Path) -> None:
+    check(bad, corpus_cache)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -209,6 +263,11 @@ def test_short_corpus_exits_through_a_fresh_process(tmp_path: Path, corpus_cache
 
 
 def teardown_module() -> None:
-    print(f"\nbad inputs tried: {sum(TRIED.values())} {dict(TRIED)}")
+    """Print the campaign's summary; with QKSCOPE_FUZZ_REPORT=<file>, also write it there as JSON."""
+    total = collections.Counter()
+    for counts in OUTCOMES.values():
+        total.update(counts)
+    print(f"\nbad inputs: {dict(total)}")
     if os.environ.get("QKSCOPE_FUZZ_REPORT"):
-        Path(os.environ["QKSCOPE_FUZZ_REPORT"]).write_text(f"{sum(TRIED.values())} {dict(TRIED)}\n")
+        report = {"total": dict(total), "categories": {c: dict(n) for c, n in sorted(OUTCOMES.items())}}
+        Path(os.environ["QKSCOPE_FUZZ_REPORT"]).write_text(json.dumps(report, indent=2) + "\n")

@@ -67,7 +67,7 @@ def job_dir(sweep_dir: Path, override: str) -> Path:
 
 
 def checkpoint_step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 def fingerprint(path: Path) -> tuple[int, str]:
@@ -114,7 +114,7 @@ def test_killed_sweep_resumes_skips_done_and_starts_missing(tmp_path: Path, corp
     kv = job_dir(sweep_dir, "attention=kv_shift")
 
     # the first job is skipped: nothing of it rewritten, no new W&B session
-    assert f"{mha} is DONE; nothing to do" in out
+    assert f"{mha} is DONE at step 12; nothing to do" in out
     assert {p: fingerprint(p) for p in untouched} == untouched and len(wandb_files(mha)) == 1
     # the second resumes from its checkpoint, in its own W&B run
     assert f"resume from {gqa / 'checkpoints' / 'last.ckpt'}" in out

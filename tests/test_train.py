@@ -12,10 +12,11 @@ import torch
 
 from callbacks.wandb_records import history, run_id
 from tests.conftest import ROOT, run_train, train_cmd, wandb_files
+from trainer.run_dir import run_id_from_overrides
 
 
 def checkpoint_step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 def test_fit_logs_to_wandb_offline_and_marks_done(tmp_path: Path, corpus_cache: Path) -> None:
@@ -39,7 +40,7 @@ def test_fit_logs_to_wandb_offline_and_marks_done(tmp_path: Path, corpus_cache: 
     assert len(val) == 2 and all(0 < v < 8 for v in val)
 
     again = run_train(*args)  # a finished run is not retrained
-    assert again.returncode == 0 and "is DONE; nothing to do" in again.stderr + again.stdout
+    assert again.returncode == 0 and "is DONE at step 6; nothing to do" in again.stderr + again.stdout
     assert len(wandb_files(run_dir)) == 1
 
 
@@ -47,9 +48,9 @@ def test_override_model_and_attention(tmp_path: Path, corpus_cache: Path) -> Non
     proc = run_train("model=small", "attention=gqa", "trainer=debug", "trainer.max_steps=3", "logger=csv",
                      f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "default" / "attention=gqa,logger=csv,model=small,trainer=debug"
+    run_dir = tmp_path / "default" / "attention=gqa,logger=csv,model=small,trainer.max_steps=3,trainer=debug"
     assert (run_dir / "DONE").exists() and (run_dir / "csv" / "metrics.csv").exists()
-    hparams = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    hparams = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["model"]["n_layer"] == 6 and hparams["model"]["attention"]["n_kv_head"] == 2
 
 
@@ -57,9 +58,7 @@ def test_killed_run_resumes_with_same_wandb_id(tmp_path: Path, corpus_cache: Pat
     args = ("trainer=debug", "trainer.max_steps=24", "trainer.val_check_interval=12", "data.batch_size=8",
             "callbacks.last_checkpoint.every_n_train_steps=4", f"paths.root={tmp_path}",
             f"paths.cache_dir={corpus_cache}")
-    run_dir = tmp_path / "default" / (
-        "callbacks.last_checkpoint.every_n_train_steps=4,data.batch_size=8,trainer.val_check_interval=12,trainer=debug"
-    )
+    run_dir = tmp_path / "default" / run_id_from_overrides(",".join(sorted(a for a in args if "paths." not in a)))
     last = run_dir / "checkpoints" / "last.ckpt"
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.Popen(train_cmd(*args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

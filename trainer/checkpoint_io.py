@@ -61,8 +61,9 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check `path` end to end and return its metadata (`global_step`, `epoch`).
+def load_verified(path: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """The checkpoint dict of `path`, after every zip member's CRC-32 verified, loaded with
+    `weights_only=True` (a pickle that names any other global is refused, never executed).
 
     Raises CorruptCheckpointError naming the file and what is wrong with it.
     """
@@ -81,12 +82,23 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     if bad is not None:
         raise CorruptCheckpointError(f"{path} is corrupted: member {bad!r} fails its CRC-32 check")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError (a disallowed global), RuntimeError (a broken record), ...
-        raise CorruptCheckpointError(f"{path} cannot be loaded with weights_only=True: {e}") from e
+        lines = str(e).splitlines() or [repr(e)]
+        why = next((ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in lines
+                    if "WeightsUnpickler error:" in ln), lines[0])
+        raise CorruptCheckpointError(f"{path} cannot be loaded with weights_only=True: {why}") from e
+    if not isinstance(checkpoint, dict):
+        raise CorruptCheckpointError(f"{path} is not a training checkpoint: it holds a {type(checkpoint).__name__}")
     missing = [k for k in ("state_dict", "global_step") if k not in checkpoint]
     if missing:
         raise CorruptCheckpointError(f"{path} is not a training checkpoint: it has no {missing}")
+    return checkpoint
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check `path` end to end (`load_verified`) and return its metadata (`global_step`, `epoch`)."""
+    checkpoint = load_verified(path)
     return {"global_step": int(checkpoint["global_step"]), "epoch": int(checkpoint.get("epoch", 0))}
 
 

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.checkpoint_io import load_verified
 from trainer.data import TextDataModule
 from trainer.lit_gpt import LitGPT
 
@@ -35,8 +36,11 @@ def _checkpoint_file(path: str | Path) -> Path:
 
 
 def load_lit_gpt(path: str | Path) -> LitGPT:
-    """The LitGPT of a Lightning checkpoint, on CPU, in eval mode."""
-    module = LitGPT.load_from_checkpoint(_checkpoint_file(path), map_location="cpu")
+    """The LitGPT of a Lightning checkpoint, on CPU, in eval mode: the file is verified and loaded
+    with weights_only=True (`load_verified`), the module rebuilt from its hyper_parameters."""
+    ckpt = load_verified(_checkpoint_file(path), mmap=False)
+    module = LitGPT(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 
 
@@ -45,7 +49,7 @@ def save_edited(module: LitGPT, source_ckpt: str | Path, out_path: str | Path, n
 
     `note` (JSON-like) is stored under the top-level key "qkscope_edit"; Lightning ignores it.
     """
-    ckpt = torch.load(_checkpoint_file(source_ckpt), map_location="cpu", weights_only=False)
+    ckpt = load_verified(_checkpoint_file(source_ckpt), mmap=False)
     state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     missing = set(ckpt["state_dict"]) ^ set(state)
     if missing:

@@ -15,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from models.config import AttentionConfig, AttentionName, ConfigError, GPTConfig
 from trainer.data import DataConfig
 from trainer.lit_gpt import OptimConfig
+from trainer.run_checks import check_run, check_trainer
 from trainer.run_dir import run_id_from_overrides
 
 
 class ResumePolicy(str, Enum):
     auto = "auto"  # continue from checkpoints/last.ckpt when it exists
-    never = "never"  # always start from scratch (the run directory's checkpoints are overwritten)
+    never = "never"  # start from scratch in a clean directory (the old one is moved to <dir>.previous-<k>)
     must = "must"  # fail unless checkpoints/last.ckpt exists
 
 
@@ -54,6 +55,7 @@ class TrainSchema:
     tags: list[str] = field(default_factory=list)
     seed: int = 1337
     resume: ResumePolicy = ResumePolicy.auto
+    extend_to: int | None = None
 
 
 def null_for_attention(attention: str) -> str:
@@ -78,7 +80,11 @@ def register() -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Run every group's cross-field checks; raise ConfigError naming the key and allowed values."""
+    """Run every group's cross-field checks and those of the loosely typed keys (trainer/run_checks.py);
+    raise ConfigError naming the key and allowed values."""
+    check_run(cfg, list(TrainSchema.__dataclass_fields__))
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg.trainer)
     try:
         OmegaConf.to_object(cfg.model)
         OmegaConf.to_object(cfg.optim)

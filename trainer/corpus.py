@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,8 +71,13 @@ def check_files(files: list[Path]) -> str:
     if not files:
         raise CorpusError("data.files is empty: give at least one text/json/jsonl/parquet/csv file")
     for f in files:
-        if not f.is_file():
+        if not f.exists():
             raise CorpusError(f"data.files: {f} does not exist")
+        if f.is_dir():
+            raise CorpusError(f"data.files: {f} is a directory; list the files in it (data.files=[a.txt, b.txt])")
+        if not f.is_file():
+            raise CorpusError(f"data.files: {f} is not a regular file (a device, pipe or socket); give a text, "
+                              f"json/jsonl, parquet or csv file")
         if f.stat().st_size == 0:
             raise CorpusError(f"data.files: {f} is empty")
     kinds = {BUILDERS.get(f.suffix.lower()) for f in files}
@@ -101,14 +107,25 @@ def _check_text(path: Path) -> None:
 
 
 def read_documents(files: list[Path], text_field: str, hf_cache: Path) -> list[str]:
-    """Rows of text from local files through `datasets`, in file order."""
+    """Rows of text from local files through `datasets`, in file order.
+
+    `datasets` writes Arrow files and lock files while it reads; they go to a temporary directory
+    under `hf_cache`, removed afterwards (the tokenized arrays are this module's cache), so input
+    that fails to parse leaves nothing behind.
+    """
     builder = check_files(files)
     try:
-        ds = datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(hf_cache)
-        )
+        hf_cache.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="read-", dir=hf_cache)
+    except OSError as e:
+        raise CorpusError(f"data.cache_dir: cannot write the corpus cache {hf_cache} ({e.strerror})") from e
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=scratch,
+                                   keep_in_memory=True)
     except Exception as e:  # datasets raises many types for unreadable input
         raise CorpusError(f"data.files: could not read {[str(f) for f in files]} as {builder}: {e}") from e
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     field = "text" if builder == "text" else text_field
     if field not in ds.column_names:
         raise CorpusError(f"data.text_field={field!r} is not a column of {files}; columns: {ds.column_names}")

@@ -28,8 +28,13 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
 
     def __post_init__(self) -> None:
+        for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"optim.{key}={getattr(self, key)} is invalid: it must be a finite number")
         if not self.lr > 0:
             raise ValueError(f"optim.lr={self.lr} is invalid: it must be > 0")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps={self.eps} is invalid: it must be > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} is invalid; allowed: 0 <= ratio <= 1")
         if self.warmup_steps < 0 or self.weight_decay < 0:
@@ -151,6 +156,16 @@ class LitGPT(L.LightningModule):
         for logger in self.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="samples", columns=["step", "text"], data=[[self.global_step, text]])
+
+    def on_train_start(self) -> None:
+        """Set every group's lr from the schedule at the step training starts from. A resumed run restores
+        the lr the previous session set; when the run was extended (a longer trainer.max_steps, so a
+        longer cosine) that value belongs to the old plan. Otherwise this sets the same value again."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                           scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * factor(scheduler.last_epoch)
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9

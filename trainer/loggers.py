@@ -79,13 +79,25 @@ def wandb_logger(run_dir: str, project: str, name: str, group: str | None = None
         return csv_logger(run_dir)
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a text file after its last newline: a crash mid-write (a full disk) leaves a partial last line,
+    which the next session's rows would otherwise be glued to."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            log.warning("%s ends in a partial row (%d bytes, a crash mid-write): dropped", path, len(data) - end)
+            f.truncate(end)
+
+
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted, and a
-    header change rewrites the file atomically (temp file + rename)."""
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted (its torn
+    last row dropped first), and a header change rewrites the file atomically (temp file + rename)."""
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
         if path.is_file():
+            drop_torn_tail(path)
             with open(path, newline="") as f:
                 self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
 

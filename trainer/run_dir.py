@@ -7,9 +7,17 @@ Layout:
     alerts.jsonl            spectral alerts (written by the spectral callback)
     logits.jsonl            per-head max logit, entropy and logit bound of each logit check
     spectra/                spectral history as arrays
+    run.json                the plan: trainer.max_steps the run was started with, and its extensions
+    .hydra/                 the composed config the run was started with (written once, never replaced)
+    .lock                   held (fcntl) by the process training in the directory
     DONE                    written when training finished
+
+One process at a time: `lock` refuses a second one, and a killed owner's lock goes with its
+process. `plan` keeps the learning-rate schedule a property of the directory: a command whose
+trainer.max_steps differs from run.json's is refused, `extend_to` continues a run to more steps.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -17,8 +25,12 @@ import re
 import secrets
 import shutil
 import string
+import time
 from hashlib import sha1
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint_io import CorruptCheckpointError, previous_path, temporary_files, verify_checkpoint
 
@@ -30,6 +42,10 @@ CORRUPT_SUFFIX = ".corrupt"
 
 class NoUsableCheckpointError(FileNotFoundError):
     """Resuming was asked for, but no checkpoint of the run directory verifies."""
+
+
+class RunDirectoryError(ValueError):
+    """The command cannot use this run directory as it stands (in use, or planned differently)."""
 
 
 def run_id_from_overrides(override_dirname: str) -> str:
@@ -51,6 +67,8 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.resume_step = 0  # the global step of the checkpoint `resume_checkpoint` chose
+        self._lock_fd: int | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -80,8 +98,137 @@ class RunDirectory:
     def spectra_dir(self) -> Path:
         return self.path / "spectra"
 
+    @property
+    def plan_file(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.path / ".hydra"
+
     def is_done(self) -> bool:
         return self.done_file.exists()
+
+    # ----------------------------------------------------------------- one process at a time
+    def lock(self) -> None:
+        """Hold an exclusive `fcntl` lock on .lock until this process ends (or `unlock`).
+
+        Raises RunDirectoryError naming the owner's pid when another process holds it. The
+        kernel drops the lock with its owner, so a SIGKILLed run leaves nothing stuck.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryError(
+                f"{self.path} is in use by another run (pid {owner}); wait for it to end, or give this run "
+                "another experiment_name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.unlock()
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def move_aside(self) -> Path | None:
+        """Move the directory's contents to <dir>.previous-<k> (resume=never: a clean start that deletes
+        nothing); return where they went, or None when there was nothing but this process's own log.
+
+        The caller holds the lock: it is taken again on the fresh directory, and open log files
+        inside it (Hydra's <job>.log) are reopened there.
+        """
+        if not self.path.is_dir() or not self._leftovers():
+            return None
+        k = 1
+        while (aside := self.path.with_name(f"{self.path.name}.previous-{k}")).exists():
+            k += 1
+        held = self._lock_fd is not None
+        os.replace(self.path, aside)
+        self.path.mkdir(parents=True)
+        if held:
+            self.lock()
+        _reopen_logs(self.path)
+        return aside
+
+    # ----------------------------------------------------------------- the plan
+    def read_plan(self) -> dict[str, Any] | None:
+        """run.json: {"max_steps": first plan, "extensions": [{"from_step", "to", "time"}, ...]}."""
+        try:
+            return json.loads(self.plan_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def planned_steps(self) -> int | None:
+        """The steps the run is planned for now: its last extension's, else its first plan's."""
+        plan = self.read_plan()
+        if plan is None:
+            return None
+        return int(plan["extensions"][-1]["to"]) if plan.get("extensions") else int(plan["max_steps"])
+
+    def plan(self, max_steps: int, extend_to: int | None) -> int:
+        """The steps this command trains to; raises RunDirectoryError, before anything is written,
+        when it does not fit the run's plan (run.json).
+
+        - a new run is planned for `max_steps` (extend_to is refused: there is nothing to extend);
+        - an existing run must be asked for the trainer.max_steps it was started with: the
+          learning-rate schedule depends on it, so another value is another run;
+        - `extend_to` >= the planned steps continues the run to that many steps: from the step it
+          has reached, the learning rate follows the warmup + cosine schedule of an
+          `extend_to`-step run (the warmup is long over; the cosine is stretched to the new end).
+        """
+        first = self.read_plan()
+        if first is None:
+            if extend_to is not None:
+                raise RunDirectoryError(
+                    f"extend_to={extend_to} continues an existing run, and {self.path} holds none; "
+                    f"for a new run set trainer.max_steps={extend_to}")
+            return max_steps
+        planned = self.planned_steps()
+        if max_steps != first["max_steps"]:
+            now = f", extended to {planned}" if planned != first["max_steps"] else ""
+            raise RunDirectoryError(
+                f"{self.path} is a run of trainer.max_steps={first['max_steps']}{now} (run.json), and this "
+                f"command says trainer.max_steps={max_steps}: the learning-rate schedule follows max_steps, so "
+                f"that is another run. To continue this one to {max_steps} steps pass "
+                f"trainer.max_steps={first['max_steps']} extend_to={max_steps}; to start over pass resume=never")
+        if extend_to is None or extend_to == planned:
+            return planned
+        if extend_to < planned:
+            raise RunDirectoryError(f"extend_to={extend_to} is below the {planned} steps {self.path} is planned "
+                                    f"for; allowed: extend_to >= {planned}")
+        return extend_to
+
+    def record_plan(self, max_steps: int, step: int) -> None:
+        """Write run.json for a run planned for `max_steps` that stands at `step` (a new run, or an extension)."""
+        plan = self.read_plan()
+        if plan is None:
+            plan = {"max_steps": max_steps, "extensions": []}
+        elif max_steps != self.planned_steps():
+            plan["extensions"].append({"from_step": step, "to": max_steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        else:
+            return
+        _write_atomic(self.plan_file, json.dumps(plan, indent=2) + "\n")
+
+    def record_config(self, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+        """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them, once: a rerun
+        (resume, DONE, extension) keeps the config the run started with."""
+        if (self.config_dir / "config.yaml").exists():
+            return
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+                           ("overrides.yaml", hydra_cfg.overrides.task)):
+            _write_atomic(self.config_dir / name, OmegaConf.to_yaml(node))
 
     def resume_checkpoint(self, policy: str) -> str | None:
         """The verified checkpoint to resume from under `policy` (auto | never | must).
@@ -104,7 +251,9 @@ class RunDirectory:
         if chosen is None:
             if policy == "must":
                 raise FileNotFoundError(f"resume=must but {self.last_checkpoint} does not exist")
+            self.rewind(-1)  # a session killed before its first checkpoint: its records go, the run starts over
             return None
+        self.resume_step = step
         self.rewind(step)
         return str(chosen)
 
@@ -139,7 +288,8 @@ class RunDirectory:
         return path, step
 
     def rewind(self, step: int) -> None:
-        """Drop the records of checks after `step`: alerts.jsonl and logits.jsonl lines, spectra/step*.npz.
+        """Drop the records of checks after `step`: alerts.jsonl and logits.jsonl lines, spectra/step*.npz
+        (and a line that is not a record at all: the torn last line of a write a crash cut short).
 
         A resumed run repeats the checks after its checkpoint and writes their records again, so
         each alert is recorded once. Metric logs are append-only: W&B history cannot be edited and
@@ -148,8 +298,8 @@ class RunDirectory:
         """
         for records in (self.alerts_file, self.logits_file):
             if records.exists():
-                lines = records.read_text().splitlines()
-                keep = [line for line in lines if line.strip() and _json_step(line) <= step]
+                lines = records.read_text(errors="replace").splitlines()
+                keep = [line for line in lines if line.strip() and -1 < _json_step(line) <= step]
                 if len(keep) != len(lines):
                     _write_atomic(records, "".join(f"{line}\n" for line in keep))
         if self.spectra_dir.is_dir():
@@ -165,26 +315,43 @@ class RunDirectory:
             self.wandb_id_file.write_text("".join(secrets.choice(alphabet) for _ in range(8)) + "\n")
         return self.wandb_id_file.read_text().strip()
 
-    def mark_done(self) -> None:
-        self.done_file.write_text("finished\n")
+    def mark_done(self, step: int) -> None:
+        self.done_file.write_text(f"finished at step {step}\n")
+
+    def unmark_done(self) -> None:
+        self.done_file.unlink(missing_ok=True)
+
+    def _leftovers(self) -> list[Path]:
+        """What the directory holds besides Hydra's log and the lock: a run's files."""
+        return [p for p in self.path.iterdir() if p.suffix != ".log" and p.name != self.lock_file.name]
 
     def discard_if_unused(self) -> None:
-        """Remove a directory holding nothing but Hydra's own files (a run that never started),
+        """Remove a directory holding nothing but Hydra's log and the lock (a run that never started),
         and its experiment directory if that is left empty."""
-        if not self.path.is_dir():
+        if not self.path.is_dir() or self._leftovers():
             return
-        leftovers = [p for p in self.path.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
-        if not leftovers:
-            shutil.rmtree(self.path)
-            if not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()
+        self.unlock()
+        shutil.rmtree(self.path)
+        if not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
 
 
 def _json_step(line: str) -> int:
+    """The step of a JSON-lines record; -1 for a line that is not one (torn, or without a step)."""
     try:
         return int(json.loads(line).get("step", -1))
-    except (ValueError, AttributeError):
-        return -1  # keep lines that are not records of a step
+    except (ValueError, AttributeError, TypeError):
+        return -1
+
+
+def _reopen_logs(directory: Path) -> None:
+    """Close the logging file handlers whose file is in `directory` (it was moved away while open):
+    a FileHandler in append mode opens its file again, there, at its next record."""
+    loggers = [logging.root, *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    where = Path(os.path.abspath(directory))
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == where:
+            handler.close()
 
 
 def _write_atomic(path: Path, text: str) -> None:

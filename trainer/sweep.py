@@ -42,6 +42,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.checkpoint_io import CorruptCheckpointError, load_verified
 from trainer.run_dir import RunDirectory
 
 if TYPE_CHECKING:
@@ -128,7 +129,11 @@ def objective(run_dir: str | Path, monitor: str = "val/loss") -> float | None:
     path = RunDirectory(run_dir).last_checkpoint
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        ckpt = load_verified(path)
+    except CorruptCheckpointError as e:
+        log.error("no objective for %s: %s", run_dir, e)
+        return None
     for state in ckpt.get("callbacks", {}).values():
         if isinstance(state, dict) and state.get("monitor") == monitor and state.get("best_model_score") is not None:
             value = float(state["best_model_score"])
@@ -204,7 +209,8 @@ class SweepBookkeeping(Callback):
                      "attempts": previous.get("attempts", 0) + (0 if was_done else 1)}
         failed = run.path / FAILED_FILE
         if failed.exists() and not was_done:
-            log.info("retrying %s (an earlier attempt failed: %s)", run.path, failed.read_text().splitlines()[0])
+            reason = (failed.read_text(errors="replace").splitlines() or ["no reason recorded"])[0]
+            log.info("retrying %s (an earlier attempt failed: %s)", run.path, reason)
             failed.unlink()
         if self._is_multirun(config):  # the jobs share this process: each starts as if alone
             self._argv = list(sys.argv)
@@ -241,6 +247,8 @@ class SweepBookkeeping(Callback):
             "invocation": self.invocation,
         }
         run.path.mkdir(parents=True, exist_ok=True)
+        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        run.record_config(task, config.hydra)  # a job refused before training has its overrides saved too
         if failed:
             tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             (run.path / FAILED_FILE).write_text(
@@ -282,7 +290,7 @@ def metric_rows(run_dir: str | Path) -> list[dict[str, float]]:
     csv_file = run_dir / "csv" / "metrics.csv"
     if csv_file.exists():
         with open(csv_file, newline="") as f:
-            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+            return [_numeric_row(row) for row in csv.DictReader(f)]
     from callbacks.wandb_records import history
 
     rows = []
@@ -295,11 +303,25 @@ def metric_rows(run_dir: str | Path) -> list[dict[str, float]]:
     return rows
 
 
+def _numeric_row(row: dict[str | None, str | list[str] | None]) -> dict[str, float]:
+    """The numbers of a CSV row; empty cells, text and the overflow of a torn row (key None) are left out."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(key, str) and isinstance(value, str) and value:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
 def model_from_checkpoint(path: str | Path) -> "GPT":
-    """The GPT a LitGPT checkpoint holds, rebuilt from its hyper_parameters, with its weights."""
+    """The GPT a LitGPT checkpoint holds, rebuilt from its hyper_parameters, with its weights.
+
+    The file is verified and loaded with weights_only=True (CorruptCheckpointError otherwise)."""
     from models import GPT, GPTConfig
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_verified(path)
     model = GPT(GPTConfig(**ckpt["hyper_parameters"]["model"]))
     model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
     return model
@@ -332,7 +354,10 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         v.tokens_per_sec = compare.median_of(rows, "train/device/items_per_sec")
         last = RunDirectory(job).last_checkpoint
         if last.exists():
-            v.kv_bytes = compare.kv_cache_bytes(model_from_checkpoint(last))
+            try:
+                v.kv_bytes = compare.kv_cache_bytes(model_from_checkpoint(last))
+            except CorruptCheckpointError as e:
+                log.error("%s: no KV-cache figure: %s", job.name, e)
         if any((job / "spectra").glob("step*.npz")):
             hist = load_history(job / "spectra")
             v.spikes = (np.array(hist.steps), hist.per_layer("content", "num_spikes", "sum"))

@@ -1,9 +1,21 @@
 """Train a model: `python -m trainer.train [group=option ...] [key=value ...]`.
 
-Compose the config, build every object from its `_target_`, fit, mark the run done.
+Compose the config, check it, take the run directory, build every object from its `_target_`,
+fit, mark the run done. Exit status of a single run:
+
+    0  trained to trainer.max_steps (DONE), or DONE already: nothing to do
+    2  refused before any work: a bad value (named with what is allowed), a run directory in use
+       by another process, or a command that does not fit the run's plan (run.json)
+    3  stopped early, not DONE: divergence or an alert's `stop` action (the reason is printed)
+    4  the disk of the run directory filled up or became read-only; the last checkpoint is
+       intact and rerunning the command resumes from it
+
+In a multirun a job that is refused or fails raises instead (Hydra records it and goes on).
 """
 
+import errno
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,53 +29,121 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from models.config import ConfigError
+from trainer.checkpoint_io import CorruptCheckpointError, verify_checkpoint
 from trainer.config import validate
-from trainer.run_dir import RunDirectory
+from trainer.run_dir import RunDirectory, RunDirectoryError
 from trainer.sweep import is_global_zero, objective
 
 log = logging.getLogger(__name__)
+
+REFUSED = (ConfigError, RunDirectoryError, FileNotFoundError, InstantiationException)
+EXIT_REFUSED, EXIT_STOPPED, EXIT_DISK = 2, 3, 4
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the best val/loss (the objective a sweeper such as Optuna minimises)."""
     run = RunDirectory(cfg.paths.run_dir)
-    if run.is_done():
-        log.info("%s is DONE; nothing to do (delete DONE or use another experiment_name)", run.path)
-        return objective(run.path)
-    L.seed_everything(cfg.seed, workers=True)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         validate(cfg)
-        ckpt_path = run.resume_checkpoint(cfg.resume)
-        datamodule = instantiate(cfg.data)
         if is_global_zero():
-            datamodule.prepare_data()  # a bad or too-short corpus fails here, naming the file, before any logger
+            run.lock()
+            if cfg.resume == "never" and (aside := run.move_aside()) is not None:
+                log.warning("resume=never: the earlier contents of %s are now in %s", run.path, aside)
+        planned = run.planned_steps()
+        max_steps = run.plan(cfg.trainer.max_steps, cfg.extend_to)
+        if run.is_done() and max_steps == (planned or max_steps):
+            log.info("%s is DONE at step %d; nothing to do (extend_to=N continues it to N steps)", run.path,
+                     max_steps)
+            return objective(run.path)
+        ckpt_path = run.resume_checkpoint(cfg.resume)
+        if run.resume_step > max_steps:
+            raise RunDirectoryError(f"{ckpt_path} is at step {run.resume_step}, past trainer.max_steps={max_steps}")
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.data)
         module = instantiate(cfg.module)
         callbacks = [c for c in instantiate(cfg.callbacks).values() if c is not None] if cfg.callbacks else []
-    except (ConfigError, FileNotFoundError, InstantiationException) as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if is_global_zero():
+            datamodule.prepare_data()  # a bad or too-short corpus fails here, naming the file, before any logger
+    except REFUSED as e:
+        if multirun:
             raise  # fails this job only: Hydra's launcher records it and goes on (SystemExit would end the sweep)
         run.discard_if_unused()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        print(f"error: {cause}", file=sys.stderr)  # a component's own check names its key
+        sys.exit(EXIT_REFUSED)
 
+    if is_global_zero():
+        run.record_config(cfg, HydraConfig.get())
+        run.record_plan(max_steps, run.resume_step)
+        if planned is not None and max_steps != planned:
+            run.unmark_done()
+            log.warning("extending %s from step %d (planned: %d) to %d steps: from here the learning rate "
+                        "follows the warmup + cosine schedule of a %d-step run", run.path, run.resume_step,
+                        planned, max_steps, max_steps)
     if not is_global_zero() and cfg.logger and "wandb" in cfg.logger:
         _await_file(run.wandb_id_file)  # SLURM/torchrun start every rank at once: rank 0 alone writes the id
     loggers = list(instantiate(cfg.logger).values()) if cfg.logger else []
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, max_steps=max_steps, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     log.info("run directory: %s (resume from %s)", run.path, ckpt_path or "scratch")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.global_step >= trainer.max_steps and not trainer.interrupted:
-        trainer.save_checkpoint(run.last_checkpoint)  # every rank takes part (FSDP gathers); rank 0 writes
-        if trainer.is_global_zero:
-            run.mark_done()
-            return objective(run.path)
-    else:
-        log.warning("stopped at step %d of %d: not DONE; rerun the command to resume", trainer.global_step,
-                    trainer.max_steps)
-    return None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.global_step >= max_steps and not _saved_at(trainer, run.last_checkpoint):
+            # the full state (optimizer too); every rank takes part (FSDP gathers), rank 0 writes
+            trainer.save_checkpoint(run.last_checkpoint, weights_only=False)
+    except (OSError, RuntimeError) as e:
+        if multirun or not _disk_failure(e):
+            raise
+        print(f"error: {_disk_message(run.path, e)}", file=sys.stderr)
+        sys.exit(EXIT_DISK)
+    if trainer.global_step >= max_steps:
+        if not trainer.is_global_zero:
+            return None
+        run.mark_done(trainer.global_step)
+        return objective(run.path)
+    reason = next((c.stop_reason for c in callbacks if getattr(c, "stop_reason", None)), "training stopped early")
+    message = (f"stopped at step {trainer.global_step} of {max_steps}: {reason}. The run is not DONE; "
+               "rerunning the command resumes it from its last checkpoint")
+    if multirun:
+        log.error(message)
+        return None
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_STOPPED)
+
+
+def _saved_at(trainer: L.Trainer, path: Path) -> bool:
+    """Whether `path` already holds this final step, saved inside the training loop (StepCheckpoint): the
+    better resume point for an extension, since a checkpoint saved after `fit` returned carries the
+    finished loop's counters (the logged step of an extended run would be one ahead)."""
+    at = None
+    if trainer.is_global_zero:
+        try:
+            at = verify_checkpoint(path)["global_step"] == trainer.global_step
+        except CorruptCheckpointError:
+            at = False
+    return bool(trainer.strategy.broadcast(at, src=0))
+
+
+def _disk_failure(e: BaseException) -> bool:
+    """Whether `e` (or an exception it was raised from) is a full, over-quota or read-only filesystem."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return True
+        if isinstance(e, RuntimeError) and "file write failed" in str(e):  # torch.save's zip writer
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_message(path: Path, e: BaseException) -> str:
+    free = shutil.disk_usage(path).free / 2**20 if path.exists() else float("nan")
+    return (f"writing to {path} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+            f"{free:.1f} MB free on its filesystem. Checkpoints are written atomically, so the last one is intact: "
+            "free space (or make the filesystem writable) and rerun the same command to resume")
 
 
 def _await_file(path: Path, timeout: float = 300.0) -> None:
