@@ -1,4 +1,4 @@
-"""Attention-matrix mask pruning (Liang, Long, Shi, Song & Zhou, ICLR 2025; PAPERS.md §4).
+"""Attention-matrix mask pruning (Liang, Long, Shi, Song & Zhou, ICLR 2025; docs/methods.md §9).
 
 The paper prunes so as to preserve the non-linear attention map rather than the linear output
 X W. For one head with calibration inputs X (n, d) (the attention's input, after its pre-norm)

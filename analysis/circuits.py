@@ -1,10 +1,10 @@
-"""K-MSHC: minimal sufficient head circuits (Chowdhary, Chin & Chakrabarty 2025; PAPERS.md §5).
+"""K-MSHC: minimal sufficient head circuits (Chowdhary, Chin & Chakrabarty 2025; docs/methods.md §9).
 
 Notation. M is the set of all heads (l, h); S(X) is the task score (analysis/tasks.py: mean
 logit difference or accuracy on minimal pairs) with exactly the heads in X active and every
 other head ablated at its output before W_O (models/head_gate.py: mean or zero ablation).
 
-Our reading of the parts PAPERS.md §5 marks ambiguous:
+Our reading where the method's description is open (docs/methods.md §9):
 - B, the "baseline" context, is the fully ablated model (no head active), and
   U_ε(M, B) = S(B) + ε·(S(M) − S(B)) is the ε-interpolation between it and the full model.
   A set H is sufficient when S(H) ≥ U_ε with everything outside H ablated.
@@ -49,7 +49,7 @@ Head = tuple[int, int]
 
 @dataclass
 class CircuitConfig:
-    """Search-K-MSHC settings (PAPERS.md §5)."""
+    """Search-K-MSHC settings (docs/methods.md §9)."""
 
     K: int = 1  # minimality granularity: no K-subset of the circuit is removable
     eps: float = 0.8  # sufficiency threshold as a fraction of the full-vs-ablated score gap

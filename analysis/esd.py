@@ -18,7 +18,7 @@ class HeadESD:
     """Normalised spectra of a batch of heads (N = L·H flattened).
 
     Attributes:
-        eigs: (N, k) float64 λ_i = s_i²/(d² σ̂_A² σ̂_B²), descending (PAPERS.md §8.4).
+        eigs: (N, k) float64 λ_i = s_i²/(d² σ̂_A² σ̂_B²), descending (docs/methods.md §5).
         sigma2_left, sigma2_right: (N,) float64 robust per-entry variances σ̂_A², σ̂_B² of the
             factors, each from the factor's own spectrum s_i(A)²/d by `rmt.robust_mp_sigma2`
             (median matching, then a trimmed mean that drops eigenvalues above the 99% TW edge,

@@ -35,7 +35,7 @@ class HeadSpectra:
 
     Units: eigs, lambda_max, edge and threshold are the normalised ESD λ_i = s_i²/(d² σ̂_A² σ̂_B²)
     of A_h B_hᵀ (s_i its singular values, σ̂² the spike-robust per-entry variances of the factors),
-    whose Gaussian null has mean 1 and upper edge `rmt.product_edge(r/d)` (PAPERS.md §8.4).
+    whose Gaussian null has mean 1 and upper edge `rmt.product_edge(r/d)` (docs/methods.md §5).
     All (L, H) tensors are CPU float32 except num_spikes (int64) and finite (bool). Heads with
     non-finite factors have finite=False, NaN metrics and num_spikes 0; an all-zero head is
     finite with NaN metrics (nothing to normalise).

@@ -1,4 +1,4 @@
-"""LASER: layer-selective rank reduction (Sharma, Ash & Misra, ICLR 2024; PAPERS.md §6).
+"""LASER: layer-selective rank reduction (Sharma, Ash & Misra, ICLR 2024; docs/methods.md §9).
 
 An intervention (τ, ℓ, ρ) replaces the weight W (m×n) of matrix type τ in layer ℓ by its
 best rank-r approximation (Eckart-Young), r = max(1, ⌊ρ·min(m, n)⌋):
@@ -23,11 +23,11 @@ Search (paper, `scripts/laser_compose.py` and the intervention scripts):
   validation metric is no worse than the best so far (+ a tolerance, 0 by default), else
   revert to the last accepted ρ and move to the next layer;
 - RMT choice of ρ: keep the singular values above the Marchenko-Pastur bulk edge
-  σ̂(√m + √n) of an m×n noise matrix with i.i.d. entries of variance σ² (PAPERS.md §8.1),
-  by default raised by its Tracy-Widom fluctuation at level 1% (§8.2),
+  σ̂(√m + √n) of an m×n noise matrix with i.i.d. entries of variance σ² (docs/methods.md §2),
+  by default raised by its Tracy-Widom fluctuation at level 1% (docs/methods.md §3),
   σ̂² fitted robustly from the bulk by `analysis.rmt.robust_mp_sigma2` (median matching,
   then a trimmed mean iterated below the edge), never from the IQR of the singular values
-  as laserRMT does (PAPERS.md §6, "RMT variant").
+  as laserRMT does (docs/methods.md §9, "RMT variant").
 """
 
 import math
@@ -197,9 +197,9 @@ def mp_keep_rank(W: torch.Tensor, tw_level: float | None = 0.01) -> dict[str, fl
     """Singular values of W (m, n) above the MP bulk edge; -> rank, rho, sigma, edge.
 
     The eigenvalues λ_i = s_i²/N (N = max(m, n), M = min(m, n)) of a pure-noise W follow
-    MP(M/N, σ²) (PAPERS.md §8.1); σ̂² = `robust_mp_sigma2(λ, N, M)` is fitted on the bulk, so the
+    MP(M/N, σ²) (docs/methods.md §2); σ̂² = `robust_mp_sigma2(λ, N, M)` is fitted on the bulk, so the
     spikes being counted do not inflate it. The edge is σ̂(√m + √n) (tw_level None), or by
-    default that edge plus its Tracy-Widom fluctuation at level tw_level (PAPERS.md §8.2,
+    default that edge plus its Tracy-Widom fluctuation at level tw_level (docs/methods.md §3,
     `mp_tw_threshold`): at finite size the top noise singular value exceeds the plain edge about
     as often as not, and would be kept as signal. The kept rank is at least 1.
     """
@@ -274,7 +274,7 @@ def cost(row: dict[str, float], metric: Metric, split: str = "val") -> float:
 
 @dataclass
 class SearchConfig:
-    """What the LASER search tries (PAPERS.md §6)."""
+    """What the LASER search tries (docs/methods.md §9)."""
 
     taus: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "mlp_in", "mlp_out"])
     layers: list[int] | None = None  # None = every layer

@@ -1,7 +1,7 @@
 """Per-matrix spectral metrics of an ESD, batched over heads: eigs (N, k) descending, λ = s².
 
-Names follow WeightWatcher where the concept is the same (PAPERS.md §7, `apply_norm_metrics`;
-§8.5 lists what is logged). All functions are NaN-transparent: a row containing NaN gives NaN.
+Names follow WeightWatcher where the concept is the same (docs/methods.md §6, `apply_norm_metrics`;
+docs/methods.md §6 lists the metrics). All functions are NaN-transparent: a row containing NaN gives NaN.
 """
 
 import math
@@ -24,7 +24,7 @@ def stable_rank(eigs: torch.Tensor) -> torch.Tensor:
 
 def effective_rank(eigs: torch.Tensor) -> torch.Tensor:
     """exp(H(p)), H(p) = −Σ p_i log p_i with p_i = λ_i / Σλ (spectral entropy; cf. Roy & Vetterli 2007,
-    who use singular values; here λ = s² as in PAPERS.md §8.5). k for a flat spectrum, 1 for rank 1.
+    who use singular values; here λ = s² as in docs/methods.md §6). k for a flat spectrum, 1 for rank 1.
     """
     p = eigs / eigs.sum(-1, keepdim=True)
     plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))
@@ -33,19 +33,19 @@ def effective_rank(eigs: torch.Tensor) -> torch.Tensor:
 
 
 def mp_softrank(edge: torch.Tensor, lam_max: torch.Tensor) -> torch.Tensor:
-    """mp_softrank = λ₊/λ_max (WeightWatcher `mp_softrank`, PAPERS.md §7): ≈ 1 for noise, → 0 with a spike."""
+    """mp_softrank = λ₊/λ_max (WeightWatcher `mp_softrank`, docs/methods.md §6): ≈ 1 for noise, → 0 with a spike."""
     return edge / lam_max
 
 
 def tw_zscore(lam_max: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(λ_max − center)/scale: the Tracy-Widom score (PAPERS.md §8.2), center ≈ the finite-size edge."""
+    """(λ_max − center)/scale: the Tracy-Widom score (docs/methods.md §3), center ≈ the finite-size edge."""
     return (lam_max - center) / scale
 
 
 def num_spikes(eigs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """#{i : λ_i > threshold} (int64; 0 for NaN rows).
 
-    The simple version of the sequential test of PAPERS.md §8.2: every eigenvalue is compared with
+    The simple version of the sequential test of docs/methods.md §3: every eigenvalue is compared with
     the threshold for λ_max. The proper sequential test compares λ_k with the threshold of the top
     eigenvalue of the remaining (r − k + 1)-dimensional spectrum, whose edge is lower (smaller
     aspect ratio), so this count never exceeds the sequential one: it is conservative.
@@ -73,7 +73,7 @@ def powerlaw_alpha(eigs: torch.Tensor, min_tail: int = 8) -> tuple[torch.Tensor,
     """(α, xmin) of a power-law tail p(λ) ∝ λ^{−α}, λ ≥ xmin, fitted to each row (WeightWatcher `alpha`).
 
     Clauset, Shalizi & Newman 2009 (SIAM Review 51), as in the `powerlaw` package WeightWatcher
-    calls (PAPERS.md §7): for each candidate xmin among the eigenvalues with at least `min_tail`
+    calls (docs/methods.md §6): for each candidate xmin among the eigenvalues with at least `min_tail`
     eigenvalues ≥ xmin, the MLE α = 1 + n / Σ_{λ_i ≥ xmin} log(λ_i / xmin) and the KS distance
     between the tail's empirical CDF and 1 − (λ/xmin)^{1−α}; xmin minimises the KS distance.
     NaN when fewer than `min_tail` positive eigenvalues, or the row has NaN.
@@ -110,7 +110,7 @@ def powerlaw_alpha(eigs: torch.Tensor, min_tail: int = 8) -> tuple[torch.Tensor,
 def vector_overlap(
     u_prev: torch.Tensor | None, v_prev: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor
 ) -> torch.Tensor:
-    """|⟨u_prev, u⟩|·|⟨v_prev, v⟩| of the top singular vectors at two checks (PAPERS.md §8.5).
+    """|⟨u_prev, u⟩|·|⟨v_prev, v⟩| of the top singular vectors at two checks (docs/methods.md §6).
 
     Sign-invariant, in [0, 1]: 1 when the top direction pair kept its orientation (growth),
     near 0 when it rotated. NaN without a previous check or when shapes differ.

@@ -1,4 +1,4 @@
-"""Multiple-testing decisions over a grid of per-head p-values (PAPERS.md §8.5).
+"""Multiple-testing decisions over a grid of per-head p-values (docs/methods.md §7).
 
 One check tests m = L·H heads; at a per-head level α the expected number of false alarms per
 check is m·α. NaN p-values (non-finite heads) are never rejected and do not count in m.

@@ -6,13 +6,13 @@ at a false-alarm level α, a p-value, a TW-standardised score and the null CDF a
 eigenvalue (for the KS distance).
 
 - "mp": Marchenko-Pastur with γ = r/d fitted to the product ESD itself, Johnstone-TW margin.
-  Right for a single Gaussian factor, wrong for a product (PAPERS.md §1 "crucial caveat",
-  §8.4): kept to measure its false alarms.
+  Right for a single Gaussian factor, wrong for a product (docs/methods.md §5): kept to measure
+  its false alarms.
 - "product": the law of the product of two independent Gaussian factors, MP_γ ⊠ MP_γ
-  (PAPERS.md §8.4), calibrated by Monte Carlo for each shape (d, r) (analysis/calibration.py),
+  (docs/methods.md §5), calibrated by Monte Carlo for each shape (d, r) (analysis/calibration.py),
   p-values from a TW₁ tail model of the draws (analysis/tail.py).
 - "shuffle": the product null refitted, per layer, to WeightWatcher-style element shuffles of the
-  actual factors (PAPERS.md §7 "randomisation", §8.4), for heavy-tailed entries.
+  actual factors (docs/methods.md §5), for heavy-tailed entries.
 - "rotation" (analysis/rotation.py): the factors' own spectra with a random relative orientation;
   exact at initialisation for every variant, MLA's composed factors included.
 """
@@ -56,7 +56,7 @@ class NullResult:
 
 
 def mp_null(esd: HeadESD, level: float) -> NullResult:
-    """The naive MP null applied to a product (PAPERS.md §7, §8.1-8.2).
+    """The naive MP null applied to a product (docs/methods.md §2-3, §5).
 
     σ̂² = `robust_mp_sigma2` of the normalised ESD treated as MP(γ = r/d); edge σ̂²(1 + √γ)²;
     tw_z = (λ_max/σ̂² − μ)/s with Johnstone's μ, s for a d×r matrix; p = 1 − F₁(tw_z);
@@ -81,7 +81,7 @@ def mp_null(esd: HeadESD, level: float) -> NullResult:
 
 
 def product_null(esd: HeadESD, level: float, cal: Calibration, calibration: str = "tw") -> NullResult:
-    """The product null MP_γ ⊠ MP_γ, Monte-Carlo calibrated (PAPERS.md §8.4; module doc).
+    """The product null MP_γ ⊠ MP_γ, Monte-Carlo calibrated (docs/methods.md §5; module doc).
 
     Edge: the asymptotic product edge `rmt.product_edge(r/d)` (the finite-size median of λ_max
     is slightly lower, e.g. 1.97 vs 2.04 at d = 768, r = 64). sigma2 = σ̂_A² σ̂_B².
@@ -121,9 +121,9 @@ def shuffle_null(
 ) -> NullResult:
     """The product null refitted to element-shuffled copies of the actual factors [I].
 
-    WeightWatcher's randomisation (PAPERS.md §7): permuting the entries of A_h and of B_h
+    WeightWatcher's randomisation (docs/methods.md §5): permuting the entries of A_h and of B_h
     destroys their correlations but keeps the (possibly heavy-tailed) entry distribution, which
-    moves the null edge (PAPERS.md §8.4, "correlation traps"). For `replicas` permutations the
+    moves the null edge (docs/methods.md §5, "correlation traps"). For `replicas` permutations the
     normalised λ_max of every head is recomputed, and the TW tail model (y = −λ^{−1/2}, see the
     module doc) is refitted per group of heads (`groups` = layers: N = groups × heads, pooling
     heads·replicas draws, since a few replicas per head cannot estimate a spread). The group's
@@ -181,7 +181,7 @@ def factor_test(
     """(p-value, threshold) for a single factor's normalised top eigenvalue s₁²/(d σ̂²).
 
     With a calibration: the TW tail model of the simulated Gaussian factors (exact statistic,
-    estimator included). Without (null "mp"): textbook Johnstone TW at γ = r/d (PAPERS.md §8.2).
+    estimator included). Without (null "mp"): textbook Johnstone TW at γ = r/d (docs/methods.md §3).
     """
     lam = torch.as_tensor(lam_max, dtype=torch.float64)
     if cal is not None:

@@ -1,8 +1,8 @@
 """Random-matrix formulas: Marchenko-Pastur, the product law MP_γ ⊠ MP_γ, BBP, robust σ².
 
 Units. γ = M/N ≤ 1 is the aspect ratio of an N×M factor with i.i.d. entries of variance σ²;
-its ESD is the eigenvalues of S = XᵀX/N (PAPERS.md §8.1). The product law is stated for the
-normalised ESD of A Bᵀ, λ = s²/(N² σ_A² σ_B²), whose mean is 1 (PAPERS.md §8.4).
+its ESD is the eigenvalues of S = XᵀX/N (docs/methods.md §2). The product law is stated for the
+normalised ESD of A Bᵀ, λ = s²/(N² σ_A² σ_B²), whose mean is 1 (docs/methods.md §5).
 
 Everything here is float64 numpy on small grids (cached by γ), exposed through torch where it
 touches per-head tensors. Numerical CDFs integrate the density after a substitution that removes the edge
@@ -20,11 +20,11 @@ from analysis.tracy_widom import johnstone_center_scale, tw1_quantile
 
 _GRID = 2049  # points of the tabulated CDFs
 
-# ---------------------------------------------------------------- Marchenko-Pastur (§8.1)
+# ---------------------------------------------------------------- Marchenko-Pastur (docs/methods.md §2)
 
 
 def mp_edges(gamma: float, sigma2: float = 1.0) -> tuple[float, float]:
-    """MP bulk edges λ± = σ²(1 ± √γ)² (Marchenko & Pastur 1967; PAPERS.md §8.1), γ = M/N ≤ 1."""
+    """MP bulk edges λ± = σ²(1 ± √γ)² (Marchenko & Pastur 1967; docs/methods.md §2), γ = M/N ≤ 1."""
     _check_gamma(gamma)
     r = math.sqrt(gamma)
     return sigma2 * (1.0 - r) ** 2, sigma2 * (1.0 + r) ** 2
@@ -33,7 +33,7 @@ def mp_edges(gamma: float, sigma2: float = 1.0) -> tuple[float, float]:
 def mp_density(x: torch.Tensor, gamma: float, sigma2: float = 1.0) -> torch.Tensor:
     """MP density ρ(λ) = √((λ₊ − λ)(λ − λ₋)) / (2π σ² γ λ) on [λ₋, λ₊], 0 elsewhere.
 
-    Marchenko & Pastur 1967; PAPERS.md §8.1 (for γ ≤ 1 there is no atom at zero).
+    Marchenko & Pastur 1967; docs/methods.md §2 (for γ ≤ 1 there is no atom at zero).
     Integrates to 1 with mean σ² and variance γσ⁴.
     """
     lo, hi = mp_edges(gamma, sigma2)
@@ -62,7 +62,7 @@ def mp_quantile(p: float, gamma: float, sigma2: float = 1.0) -> float:
 
 
 def mp_tw_threshold(n: int, m: int, level: float, sigma2: float = 1.0) -> float:
-    """Top-eigenvalue threshold σ²(μ + s·q_{TW₁}(1 − level)) for S = XᵀX/n, X n×m (PAPERS.md §8.2).
+    """Top-eigenvalue threshold σ²(μ + s·q_{TW₁}(1 − level)) for S = XᵀX/n, X n×m (docs/methods.md §3).
 
     μ, s are Johnstone's centring and scale in the units of S (`johnstone_center_scale`), so at
     level α a pure-noise matrix exceeds it with probability → α.
@@ -71,11 +71,11 @@ def mp_tw_threshold(n: int, m: int, level: float, sigma2: float = 1.0) -> float:
     return sigma2 * (mu + s * tw1_quantile(1.0 - level))
 
 
-# ------------------------------------------------------ product law MP_γ ⊠ MP_γ (§8.4)
+# ------------------------------------------------------ product law MP_γ ⊠ MP_γ (docs/methods.md §5)
 
 
 def product_edge(gamma: float) -> float:
-    """Upper edge of MP_γ ⊠ MP_γ (mean 1): λ₊ = min_{z>0} (1 + z)(1 + γz)²/z (PAPERS.md §1, §8.4).
+    """Upper edge of MP_γ ⊠ MP_γ (mean 1): λ₊ = min_{z>0} (1 + z)(1 + γz)²/z (docs/methods.md §5).
 
     Derivation [I]: the S-transform of MP_γ (mean 1) is 1/(1 + γz), so the product has
     S(z) = 1/(1 + γz)², its inverse moment function χ(z) = z/((1 + z)(1 + γz)²), and the
@@ -133,13 +133,13 @@ def product_cdf(x: torch.Tensor, gamma: float) -> torch.Tensor:
     return _interp(torch.as_tensor(x, dtype=torch.float64), lam, cdf)
 
 
-# ---------------------------------------------------------------------- BBP (§8.3)
+# ---------------------------------------------------------------------- BBP (docs/methods.md §4)
 
 
 def bbp_additive_threshold(gamma: float) -> float:
     """Smallest θ giving a singular-value outlier of θuvᵀ + G/√N: θ_c = γ^{1/4}.
 
-    Benaych-Georges & Nadakuditi 2012; PAPERS.md §8.3 (WeightWatcher's `spike_min`).
+    Benaych-Georges & Nadakuditi 2012; docs/methods.md §4 (WeightWatcher's `spike_min`).
     """
     return gamma**0.25
 
@@ -147,7 +147,7 @@ def bbp_additive_threshold(gamma: float) -> float:
 def bbp_additive_location(theta: float, gamma: float) -> float:
     """Outlier singular value √((1 + θ²)(γ + θ²))/θ for θ > γ^{1/4}, else the edge 1 + √γ.
 
-    Benaych-Georges & Nadakuditi 2012; PAPERS.md §8.3. Its square is the outlier eigenvalue of
+    Benaych-Georges & Nadakuditi 2012; docs/methods.md §4. Its square is the outlier eigenvalue of
     XᵀX (units where the MP edge is (1 + √γ)²).
     """
     if theta <= bbp_additive_threshold(gamma):
@@ -204,13 +204,13 @@ def product_spike_threshold(gamma: float) -> tuple[float, float]:
     return ell, math.sqrt(t)
 
 
-# ------------------------------------------------------- robust σ² (§8.1, "never Frobenius")
+# ------------------------------------------------------- robust σ² (docs/methods.md §2, "never Frobenius")
 
 
 def robust_mp_sigma2(eigs: torch.Tensor, n: int, m: int, iters: int = 8) -> torch.Tensor:
     """Spike-robust MP variance σ̂² of each row of `eigs` (..., k): eigenvalues of XᵀX/n, X n×m.
 
-    PAPERS.md §8.1. Two steps, both immune to a minority of spikes:
+    docs/methods.md §2. Two steps, both immune to a minority of spikes:
     1. quantile matching: σ₀² = median(eigs)/median(MP_γ), γ = m/n (a spike moves the
        empirical median by at most half an eigenvalue spacing);
     2. trimmed moment, iterated: σ² ← mean{λ_i ≤ σ²·t}, t = Johnstone's 99% TW₁ threshold

@@ -3,7 +3,7 @@
 For A, B of shape (d, r), r ≤ d: A = Q_A R_A, B = Q_B R_B (reduced QR), so
 A Bᵀ = Q_A (R_A R_Bᵀ) Q_Bᵀ and, Q_A, Q_B having orthonormal columns, the nonzero singular
 values of A Bᵀ are those of the r×r core R_A R_Bᵀ; with core = U S Vᵀ the top singular
-vectors in d-space are Q_A u₁ and Q_B v₁ (ARCHITECTURE.md, "the QK probe"; PAPERS.md §1,
+vectors in d-space are Q_A u₁ and Q_B v₁ (docs/methods.md §1,
 "per-head bilinear form"). The singular values of A alone are those of R_A, so the factor
 spectra come for free.
 
@@ -257,7 +257,7 @@ def layer_sum_spectrum(
     """Singular values of Σ_h A_h B_hᵀ for each layer: left, right (L, H, d, r) or L chunks (H, d, r)
     -> (L, min(d, H·r)), descending.
 
-    Σ_h A_h B_hᵀ = A_cat B_catᵀ with A_cat = [A_1 … A_H] (d, H·r) (PAPERS.md §1, "per-layer
+    Σ_h A_h B_hᵀ = A_cat B_catᵀ with A_cat = [A_1 … A_H] (d, H·r) (docs/methods.md §1, "per-layer
     product"). Layers are processed one at a time. method:
       "core": QR of A_cat, B_cat and singular values of the (H·r)² core (exact, cheap when H·r < d);
       "gram": square roots of the eigenvalues of M Mᵀ, M = A_cat B_catᵀ (d×d), in `dtype`; about 3×
@@ -299,9 +299,9 @@ def layer_sum_spectrum(
 
 
 def normalised_eigs(sv: torch.Tensor, d: int, sigma2_left: torch.Tensor, sigma2_right: torch.Tensor) -> torch.Tensor:
-    """Normalised ESD λ_i = s_i² / (d² σ_A² σ_B²) of A Bᵀ, float64 (PAPERS.md §8.4).
+    """Normalised ESD λ_i = s_i² / (d² σ_A² σ_B²) of A Bᵀ, float64 (docs/methods.md §5).
 
-    s_i are the singular values of A Bᵀ (WeightWatcher's convention λ = s², PAPERS.md §7) and
+    s_i are the singular values of A Bᵀ (WeightWatcher's convention λ = s², docs/methods.md §6) and
     σ_A², σ_B² the per-entry variances of the factors; for independent Gaussian factors the mean
     nonzero eigenvalue of (A Bᵀ)(A Bᵀ)ᵀ is d² σ_A² σ_B², so the null ESD has mean 1 and upper
     edge `rmt.product_edge(r/d)`.

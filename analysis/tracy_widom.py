@@ -7,7 +7,7 @@ TW₁ is computed, not read from a table: F₁(s) is the Fredholm determinant
 (Ferrari & Spohn 2005, eq. 3; Sasamoto 2005), evaluated by Gauss-Legendre quadrature of the
 operator as in Bornemann 2010 ("On the numerical evaluation of distributions in random matrix
 theory", Math. Comp. 79). Ai is `torch.special.airy_ai`. With 32 nodes the result agrees with
-64 and 96 nodes to 1e-9 and reproduces the standard constants (PAPERS.md §8.2): mean −1.2065,
+64 and 96 nodes to 1e-9 and reproduces the standard constants (docs/methods.md §3): mean −1.2065,
 sd 1.2680, quantiles 90% 0.4501, 95% 0.9793, 99% 2.0234. The survival function is computed
 as −expm1(Σ log1p(−μ_i)) over the eigenvalues μ_i of the discretised kernel, so it stays
 accurate in the far right tail (relative accuracy at 1e-20), where the p-values of spikes live.
@@ -91,7 +91,7 @@ def tw1_moments() -> tuple[float, float]:
 def johnstone_center_scale(n: int, m: int) -> tuple[float, float]:
     """Centring μ and scale σ of the largest eigenvalue of XᵀX/n for X (n×m) with N(0, 1) entries.
 
-    Johnstone 2001 (Ann. Statist. 29, Thm 1; PAPERS.md §8.2): for l₁ the top eigenvalue of XᵀX,
+    Johnstone 2001 (Ann. Statist. 29, Thm 1; docs/methods.md §3): for l₁ the top eigenvalue of XᵀX,
     μ = (√(n−1) + √m)², σ = (√(n−1) + √m)(1/√(n−1) + 1/√m)^{1/3}, (l₁ − μ)/σ → TW₁.
     Returned divided by n, i.e. in the units of S = XᵀX/n whose MP edge is (1 + √(m/n))².
     Requires n ≥ 2, m ≥ 1 (symmetric in the roles of n and m up to the −1).

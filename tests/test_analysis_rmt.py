@@ -54,7 +54,7 @@ def test_mp_cdf_and_quantile_are_inverse():
 
 
 def test_mp_edges_match_simulation():
-    """PAPERS.md §8.1: N = 2000, M = 500, σ² = 0.7 -> edges 0.175, 1.575 (observed 0.179, 1.549)."""
+    """docs/methods.md §2: N = 2000, M = 500, σ² = 0.7 -> edges 0.175, 1.575 (observed 0.179, 1.549)."""
     g = torch.Generator().manual_seed(0)
     N, M, s2 = 2000, 500, 0.7
     X = torch.randn(N, M, generator=g, dtype=torch.float64) * math.sqrt(s2)
@@ -101,7 +101,7 @@ def test_product_law_matches_simulated_esd():
 
 
 def test_product_edge_vs_simulation_finite_size():
-    """PAPERS.md §1: d = 512, r = 64 -> median top normalised eigenvalue 2.24, theory 2.334."""
+    """docs/methods.md §5: d = 512, r = 64 -> median top normalised eigenvalue 2.24, theory 2.334."""
     rng = np.random.default_rng(0)
     d, r, n = 512, 64, 400
     _, GA = bartlett_triangular(n, d, r, rng)  # the Gram of a Gaussian d×r factor, exactly
@@ -128,7 +128,7 @@ def test_bbp_formulas():
 
 
 def test_bbp_additive_location_matches_simulation():
-    """PAPERS.md §8.3 table: N = 4000, M = 1000 (here 2000 × 500), θ = 1.5 -> 1.900."""
+    """docs/methods.md §4: N = 4000, M = 1000 (here 2000 × 500), θ = 1.5 -> 1.900."""
     g = torch.Generator().manual_seed(2)
     N, M, theta = 2000, 500, 1.5
     u = torch.randn(N, 1, generator=g, dtype=torch.float64)
@@ -181,7 +181,7 @@ def test_tw1_constants():
     mean, sd = tw1_moments()
     assert mean == pytest.approx(-1.2065, abs=2e-4)
     assert sd == pytest.approx(1.2680, abs=2e-4)
-    for p, q in ((0.90, 0.4501), (0.95, 0.9793), (0.99, 2.0234)):  # PAPERS.md §8.2: 0.45, 0.98, 2.02
+    for p, q in ((0.90, 0.4501), (0.95, 0.9793), (0.99, 2.0234)):  # docs/methods.md §3: 0.45, 0.98, 2.02
         assert tw1_quantile(p) == pytest.approx(q, abs=2e-3)
         assert tw1_cdf(q).item() == pytest.approx(p, abs=2e-4)
     s = torch.tensor([-3.0, 0.0, 2.0, 5.0, 10.0, 20.0])
@@ -192,7 +192,7 @@ def test_tw1_constants():
 
 
 def test_johnstone_tw_approximation_and_n_to_the_minus_two_thirds_scaling():
-    """sd(λ_max) of S = XᵀX/N shrinks like N^{-2/3} at fixed γ (PAPERS.md §8.2); the TW-standardised
+    """sd(λ_max) of S = XᵀX/N shrinks like N^{-2/3} at fixed γ (docs/methods.md §3); the TW-standardised
     mean and sd match TW₁'s within loose finite-size tolerances."""
     rng = np.random.default_rng(4)
     sds = {}
