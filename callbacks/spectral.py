@@ -119,12 +119,11 @@ class SpectralHealthCallback(L.Callback):
             params = dict(params)
             if params.pop("enabled", True) is False:
                 continue
-            start_steps[name] = int(params.pop("start_step", 0))
-            window = {key: params.pop(key) for key in ("k", "K", "cooldown") if key in params}
+            start_steps[name] = int(params.pop("start_step", RULES[name].start_step))
+            window = dict(zip(("k", "K", "cooldown"), RULES[name].persistence, strict=True))
+            window |= {key: params.pop(key) for key in ("k", "K", "cooldown") if key in params}
             if name == "spikes":
                 params.setdefault("fa_level", fa_level)
-            if name == "non_finite":
-                window = {"k": 1, "K": 1, "cooldown": 0, **window}
             rule = RULES[name](**params)
             if rule.level not in LEVELS:
                 raise ValueError(f"spectral.rules.{name}.level={rule.level!r}; allowed: {list(LEVELS)}")

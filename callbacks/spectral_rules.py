@@ -58,6 +58,8 @@ class SpikeRule:
 
     source = "spectral"
     name = "spikes"
+    persistence = (2, 3, 1000)  # k of the last K checks; cooldown in checks
+    start_step = 0  # evaluated from this optimizer step
     title = "Spectral spike beyond the random-matrix null"
 
     def exceedances(self, report: SpectralReport, memory: dict) -> list[Exceedance]:
@@ -85,6 +87,8 @@ class LayerLocalisedRule:
 
     source = "spectral"
     name = "layer_localised"
+    persistence = (2, 3, 10)  # k of the last K checks; cooldown in checks
+    start_step = 0  # evaluated from this optimizer step
     title = "Layer-localised spectral anomaly"
 
     def exceedances(self, report: SpectralReport, memory: dict) -> list[Exceedance]:
@@ -115,6 +119,8 @@ class RankCollapseRule:
 
     source = "spectral"
     name = "rank_collapse"
+    persistence = (2, 3, 10)  # k of the last K checks; cooldown in checks
+    start_step = 0  # evaluated from this optimizer step
     title = "Rank collapse in attention heads"
 
     def exceedances(self, report: SpectralReport, memory: dict) -> list[Exceedance]:
@@ -145,6 +151,8 @@ class RunawayNormRule:
 
     source = "spectral"
     name = "runaway_norm"
+    persistence = (1, 1, 10)  # k of the last K checks; cooldown in checks
+    start_step = 200  # evaluated from this optimizer step
     title = "Runaway spectral norm of W_Q W_K^T"
 
     def exceedances(self, report: SpectralReport, memory: dict) -> list[Exceedance]:
@@ -168,6 +176,8 @@ class NonFiniteRule:
 
     source = "spectral"
     name = "non_finite"
+    persistence = (1, 1, 0)  # k of the last K checks; cooldown in checks
+    start_step = 0  # evaluated from this optimizer step
     title = "Non-finite attention weights"
 
     def exceedances(self, report: SpectralReport, memory: dict) -> list[Exceedance]:
@@ -196,6 +206,8 @@ class LogitGrowthRule:
     floor: float = 100.0
 
     name = "logit_growth"
+    persistence = (1, 1, 30)  # k of the last K checks; cooldown in checks
+    start_step = 0  # evaluated from this optimizer step
     title = "Attention logit growth"
     source = "logits"
 

@@ -12,7 +12,7 @@ from analysis.logits import LogitStats
 from callbacks.spectral import SpectralHealthCallback
 from callbacks.wandb_records import alerts, history
 from models import GPT, GPTConfig
-from tests.conftest import run_train, wandb_files
+from tests.conftest import CONF, run_train, wandb_files
 from tests.spectral_hooks import PlantSpike
 
 SPECTRAL_FAST = ("spectral.every_n_steps=2", "spectral.mc_draws=200", "spectral.image_every_n_checks=2",
@@ -185,3 +185,23 @@ def test_qk_clip_callback_keeps_every_head_at_tau_in_a_real_run(tmp_path: Path, 
         assert max(map(max, checks[step]["max_logit"])) <= 5 * (1 + 1e-4)
     metrics = (run_dir / "csv" / "metrics.csv").read_text()
     assert "qk_clip/heads_clipped" in metrics and "train/grad_norm" in metrics
+
+
+def test_the_shipped_yaml_and_the_callbacks_defaults_agree() -> None:
+    """One set of defaults: the callback built with no arguments checks exactly what conf/spectral/default.yaml
+    configures (rules, persistence, start steps, actions and every literal scalar)."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF / "spectral" / "default.yaml"), resolve=False)
+    from_yaml = SpectralHealthCallback(rules=yaml["rules"], actions=yaml["actions"])
+    bare = SpectralHealthCallback()
+    assert {n: vars(r) for n, r in bare.rules.items()} == {n: vars(r) for n, r in from_yaml.rules.items()}
+    assert {n: (p.k, p.K, p.cooldown) for n, p in bare.persistence.items()} == {
+        n: (p.k, p.K, p.cooldown) for n, p in from_yaml.persistence.items()}
+    assert bare.start_steps == from_yaml.start_steps and bare.actions == from_yaml.actions
+    params = inspect.signature(SpectralHealthCallback.__init__).parameters
+    literal = {k: v for k, v in yaml.items() if k in params and not (isinstance(v, str) and "${" in v)
+               and k not in ("rules", "actions")}
+    assert literal and {k: params[k].default for k in literal} == literal
