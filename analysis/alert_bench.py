@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.history import ALERTS_FILE, LOGITS_FILE
+
 
 @dataclass
 class RunRecord:
@@ -57,7 +59,7 @@ def load_run(run_dir: str | Path, name: str) -> RunRecord:
     steps, train = _column(rows, "train/loss")
     grad_steps, grad = _column(rows, "train/grad_norm")
     _, val = _column(rows, "val/loss")
-    alerts_file, logits_file = run_dir / "alerts.jsonl", run_dir / "logits.jsonl"
+    alerts_file, logits_file = run_dir / ALERTS_FILE, run_dir / LOGITS_FILE
     alerts = [json.loads(line) for line in alerts_file.read_text().splitlines()] if alerts_file.exists() else []
     logits = [json.loads(line) for line in logits_file.read_text().splitlines()] if logits_file.exists() else []
     return RunRecord(

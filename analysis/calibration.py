@@ -9,8 +9,6 @@ L lower triangular with L_ii² ~ χ²_{d−i+1} and L_ij ~ N(0, 1) below the dia
 O(r²) random numbers and O(r³) flops, not O(d r²).
 """
 
-import contextlib
-import hashlib
 import math
 import os
 import time
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from analysis.esd import esd_from_spectra, factor_lambda_max
+from analysis.files import atomic_write
 from analysis.spectra import ProductSpectra, core_spectra
 from analysis.tail import TailFit
 
@@ -154,13 +153,8 @@ class NullCalibrator:
 
     def _save(self, cal: Calibration) -> None:
         path = self.path(cal.d, cal.r)
-        tag = hashlib.sha1(f"{os.getpid()}{time.time_ns()}".encode()).hexdigest()[:8]
-        tmp = path.with_name(f".{path.stem}.{tag}.tmp.npz")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, product=cal.product, factor=cal.factor, version=CACHE_VERSION)
-            os.replace(tmp, path)
+            with atomic_write(path, "wb") as f:
+                np.savez(f, product=cal.product, factor=cal.factor, version=CACHE_VERSION)
         except OSError as err:
             warnings.warn(f"could not write null cache {path}: {err}", stacklevel=3)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)

@@ -1,10 +1,49 @@
-"""The spectral history a run writes to RUN_DIR/spectra/step*.npz, loaded as (step, layer) arrays."""
+"""The two histories a run keeps, each written and read here (one owner per on-disk format):
+
+    RUN_DIR/spectra/step<N>.npz   one spectral check: per-kind (L, H) arrays (`write_check`, `load_history`)
+    RUN_DIR/logits.jsonl          one JSON line per logit check (`append_logit_check`, `load_logit_history`)
+"""
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from analysis.files import atomic_write
+
+SPECTRA_DIR = "spectra"  # names inside a run directory (trainer/run_dir.py lays the rest out)
+LOGITS_FILE = "logits.jsonl"
+ALERTS_FILE = "alerts.jsonl"  # one JSON record per alert, written by callbacks/spectral.py
+CHECK_GLOB = "step*.npz"
+
+
+def check_path(spectra_dir: str | Path, step: int) -> Path:
+    """The file of the spectral check at `step`."""
+    return Path(spectra_dir) / f"step{step:07d}.npz"
+
+
+def check_step(path: str | Path) -> int:
+    """The step a spectral check file holds, from its name."""
+    return int(Path(path).stem.removeprefix("step"))
+
+
+def write_check(spectra_dir: str | Path, step: int, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write one spectral check (`arrays`: "<kind>/<metric>" -> (L, H) arrays, ...) atomically, with its step."""
+    path = check_path(spectra_dir, step)
+    with atomic_write(path, "wb") as f:
+        np.savez_compressed(f, step=np.array(step), **arrays)
+    return path
+
+
+def append_logit_check(path: str | Path, step: int, grids: Mapping[str, list[list[float]]]) -> None:
+    """Append one logit check (max_logit, bound, entropy: (L, H) lists) as a JSON line, values to 6 decimals."""
+    record = {"step": step, **{name: [[round(float(v), 6) for v in row] for row in grid]
+                               for name, grid in grids.items()}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -33,7 +72,7 @@ class SpectralHistory:
 
 def load_history(spectra_dir: str | Path) -> SpectralHistory:
     """All checks under `spectra_dir`, sorted by step."""
-    files = sorted(Path(spectra_dir).glob("step*.npz"))
+    files = sorted(Path(spectra_dir).glob(CHECK_GLOB))
     if not files:
         raise FileNotFoundError(f"no spectral history (step*.npz) in {spectra_dir}")
     checks = [dict(np.load(f)) for f in files]

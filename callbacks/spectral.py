@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from analysis import NULL_NAMES, HeadSpectra, SpectralAnalyzer, SpectralReport, benjamini_hochberg
+from analysis.history import ALERTS_FILE, LOGITS_FILE, SPECTRA_DIR, append_logit_check, write_check
 from analysis.logits import LogitStats, clip_factors
 from analysis.plots import esd_grid, layer_head_heatmap
 from callbacks.logit_probe import measure_logits, probe_batch
@@ -257,11 +258,8 @@ class SpectralHealthCallback(L.Callback):
     def _write_logits(self, stats: LogitStats, step: int) -> None:
         if self.run_dir is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"step": step, **{name: [[round(float(v), 6) for v in row] for row in getattr(stats, name).tolist()]
-                                   for name in ("max_logit", "bound", "entropy")}}
-        with open(self.run_dir / "logits.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_logit_check(self.run_dir / LOGITS_FILE, step,
+                           {name: getattr(stats, name).tolist() for name in ("max_logit", "bound", "entropy")})
 
     # ----------------------------------------------------------------- sinks
     def _emit(self, trainer: L.Trainer, alert: Alert) -> None:
@@ -270,7 +268,7 @@ class SpectralHealthCallback(L.Callback):
             logger.log_metrics({f"alerts/{alert.level}": 1.0}, step=alert.step)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "alerts.jsonl", "a") as f:
+            with open(self.run_dir / ALERTS_FILE, "a") as f:
                 f.write(json.dumps({**asdict(alert), "time": time.time()}) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -364,9 +362,7 @@ class SpectralHealthCallback(L.Callback):
     def _write_history(self, report: SpectralReport, step: int) -> None:
         if self.run_dir is None:
             return
-        out = self.run_dir / "spectra"
-        out.mkdir(parents=True, exist_ok=True)
-        arrays = {"step": np.array(step)}
+        arrays = {}
         if report.layer_sum.numel():
             arrays["layer_sum"] = report.layer_sum.numpy()
         for kind, hs in report.heads.items():
@@ -375,10 +371,7 @@ class SpectralHealthCallback(L.Callback):
                 arrays[f"{kind}/{name}"] = getattr(hs, name).numpy()
         for name, sv in report.factors.items():
             arrays[f"factor/{name}"] = sv.numpy()
-        tmp = out / f".step{step:07d}.npz"
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        tmp.rename(out / f"step{step:07d}.npz")
+        write_check(self.run_dir / SPECTRA_DIR, step, arrays)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

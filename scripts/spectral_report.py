@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from analysis.compare import series
 from analysis.history import load_history, load_logit_history
 from analysis.plots import esd_grid, layer_head_heatmap, lines_over_steps, loss_with_alerts, step_layer_heatmap
+from trainer.run_dir import RunDirectory
 from trainer.sweep import metric_rows
 
 
@@ -21,7 +22,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory holding spectra/step*.npz")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/report)")
     args = parser.parse_args()
-    history = load_history(args.run_dir / "spectra")
+    run = RunDirectory(args.run_dir)
+    history = load_history(run.spectra_dir)
     out = args.out or args.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
@@ -38,8 +40,8 @@ def main() -> None:
         figures[f"{kind}_latest_heatmap"] = layer_head_heatmap(
             latest["lambda_max"] / latest["edge"], f"{kind} at step {steps[-1]}: λ_max / edge")
         figures[f"{kind}_latest_esd"] = esd_grid(latest["eigs"], latest["edge"], title=f"{kind} ESD, step {steps[-1]}")
-    if (args.run_dir / "logits.jsonl").exists():
-        logits = load_logit_history(args.run_dir / "logits.jsonl")
+    if run.logits_file.exists():
+        logits = load_logit_history(run.logits_file)
         figures["logits_max_logit"] = lines_over_steps(
             logits.steps, logits.max_logit.max(axis=2), "max attention logit on the probe batch (max over heads)",
             "max |logit|", log_y=True)
@@ -47,7 +49,7 @@ def main() -> None:
             logits.steps, logits.bound.max(axis=2), "weight-only logit bound (max over heads)", "bound", log_y=True)
         figures["logits_entropy"] = lines_over_steps(
             logits.steps, logits.entropy.min(axis=2), "attention entropy (min over heads)", "nats")
-    alerts_file = args.run_dir / "alerts.jsonl"
+    alerts_file = run.alerts_file
     alerts = [json.loads(line) for line in alerts_file.read_text().splitlines()] if alerts_file.exists() else []
     steps, loss = series(metric_rows(args.run_dir), "train/loss")  # csv/metrics.csv, else the .wandb files
     if steps.size:

@@ -14,13 +14,13 @@ import csv
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.files import atomic_write
 from trainer.checkpoint_io import load_verified
 from trainer.data import TextDataModule
 from trainer.lit_gpt import LitGPT
@@ -45,7 +45,7 @@ def load_lit_gpt(path: str | Path) -> LitGPT:
 
 
 def save_edited(module: LitGPT, source_ckpt: str | Path, out_path: str | Path, note: dict | None = None) -> Path:
-    """Write `module`'s weights into a copy of `source_ckpt` at out_path (temp file, then os.replace).
+    """Write `module`'s weights into a copy of `source_ckpt` at out_path (atomically: analysis.files.atomic_write).
 
     `note` (JSON-like) is stored under the top-level key "qkscope_edit"; Lightning ignores it.
     """
@@ -58,10 +58,8 @@ def save_edited(module: LitGPT, source_ckpt: str | Path, out_path: str | Path, n
     if note is not None:
         ckpt["qkscope_edit"] = note
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as f:
+        torch.save(ckpt, f)
     return out
 
 
@@ -128,10 +126,8 @@ def _jsonable(value: object) -> object:
 def write_json(path: str | Path, payload: dict) -> Path:
     """Write `payload` as indented strict JSON (atomically)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
-    os.replace(tmp, out)
+    with atomic_write(out) as f:
+        f.write(json.dumps(_jsonable(payload), indent=2) + "\n")
     return out
 
 

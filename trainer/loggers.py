@@ -16,6 +16,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from analysis.files import atomic_write
 from trainer.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,10 @@ class _AppendingWriter(ExperimentWriter):
         path = Path(self.metrics_file_path)
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
 
 
 class ResumableCSVLogger(CSVLogger):

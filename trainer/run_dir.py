@@ -32,6 +32,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.files import atomic_write
+from analysis.history import ALERTS_FILE, CHECK_GLOB, LOGITS_FILE, SPECTRA_DIR, check_step
 from trainer.checkpoint_io import CorruptCheckpointError, previous_path, temporary_files, verify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,15 +90,15 @@ class RunDirectory:
 
     @property
     def alerts_file(self) -> Path:
-        return self.path / "alerts.jsonl"
+        return self.path / ALERTS_FILE
 
     @property
     def logits_file(self) -> Path:
-        return self.path / "logits.jsonl"
+        return self.path / LOGITS_FILE
 
     @property
     def spectra_dir(self) -> Path:
-        return self.path / "spectra"
+        return self.path / SPECTRA_DIR
 
     @property
     def plan_file(self) -> Path:
@@ -303,8 +305,8 @@ class RunDirectory:
                 if len(keep) != len(lines):
                     _write_atomic(records, "".join(f"{line}\n" for line in keep))
         if self.spectra_dir.is_dir():
-            for f in self.spectra_dir.glob("step*.npz"):
-                if int(f.stem.removeprefix("step")) > step:
+            for f in self.spectra_dir.glob(CHECK_GLOB):
+                if check_step(f) > step:
                     f.unlink()
 
     def wandb_run_id(self) -> str:
@@ -355,6 +357,5 @@ def _reopen_logs(directory: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(text)

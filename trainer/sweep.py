@@ -42,6 +42,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.files import atomic_write
 from trainer.checkpoint_io import CorruptCheckpointError, load_verified
 from trainer.run_dir import RunDirectory
 
@@ -91,9 +92,8 @@ def single_run_argv(argv: Sequence[str], task_overrides: Sequence[str]) -> list[
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: concurrent writers (remote jobs) never leave a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -334,7 +334,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     import matplotlib.pyplot as plt
 
     from analysis import compare
-    from analysis.history import load_history
+    from analysis.history import CHECK_GLOB, load_history
 
     sweep_dir = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
@@ -352,14 +352,14 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         steps, values = compare.series(rows, "val/loss")
         v.val_loss = (steps, values) if len(steps) else None
         v.tokens_per_sec = compare.median_of(rows, "train/device/items_per_sec")
-        last = RunDirectory(job).last_checkpoint
-        if last.exists():
+        run = RunDirectory(job)
+        if run.last_checkpoint.exists():
             try:
-                v.kv_bytes = compare.kv_cache_bytes(model_from_checkpoint(last))
+                v.kv_bytes = compare.kv_cache_bytes(model_from_checkpoint(run.last_checkpoint))
             except CorruptCheckpointError as e:
                 log.error("%s: no KV-cache figure: %s", job.name, e)
-        if any((job / "spectra").glob("step*.npz")):
-            hist = load_history(job / "spectra")
+        if any(run.spectra_dir.glob(CHECK_GLOB)):
+            hist = load_history(run.spectra_dir)
             v.spikes = (np.array(hist.steps), hist.per_layer("content", "num_spikes", "sum"))
         variants.append(v)
 
