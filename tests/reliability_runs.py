@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from callbacks.wandb_records import history
 from tests.conftest import wandb_files
 from tests.reliability_hooks import KILL_ENV, ChildRun, run_forked
+from trainer.wandb_records import history
 
 MAX_STEPS = 16
 TINY = (  # a 2-layer d=64 model on 4 x 32-token batches: ~0.1 s per step on one CPU thread

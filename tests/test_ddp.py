@@ -22,10 +22,10 @@ from hydra.utils import instantiate
 from analysis import SpectralAnalyzer
 from callbacks import spectral as spectral_module
 from callbacks.spectral import SpectralHealthCallback
-from callbacks.wandb_records import run_id
 from models import GPT, GPTConfig
 from tests.conftest import CONF, ROOT, wandb_files
 from trainer.sweep import is_global_zero, model_from_checkpoint
+from trainer.wandb_records import run_id
 
 DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
        "trainer.log_every_n_steps=1", "data.batch_size=8", "data.block_size=64", "data.val_batches=1",

@@ -23,7 +23,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from callbacks.wandb_records import alerts, run_id
 from tests.conftest import ROOT, compose_train, train_cmd, wandb_files
 from tests.reliability_hooks import WHERE, run_forked
 from tests.reliability_runs import (
@@ -45,6 +44,7 @@ from trainer.checkpoint_io import (
     verify_checkpoint,
 )
 from trainer.run_dir import NoUsableCheckpointError, RunDirectory
+from trainer.wandb_records import alerts, run_id
 
 
 def random_kill_point(rng: random.Random, where: str | None = None) -> str:

@@ -10,10 +10,10 @@ import torch
 
 from analysis.logits import LogitStats
 from callbacks.spectral import SpectralHealthCallback
-from callbacks.wandb_records import alerts, history
 from models import GPT, GPTConfig
 from tests.conftest import CONF, run_train, wandb_files
 from tests.spectral_hooks import PlantSpike
+from trainer.wandb_records import alerts, history
 
 SPECTRAL_FAST = ("spectral.every_n_steps=2", "spectral.mc_draws=200", "spectral.image_every_n_checks=2",
                  "callbacks.throughput.window_size=2")

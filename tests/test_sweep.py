@@ -22,11 +22,11 @@ from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from callbacks.wandb_records import history, read_records, run_id
 from scripts import compare_runs
 from tests.conftest import CONF, ROOT, wandb_files
 from trainer.corpus import kjv_path
 from trainer.sweep import single_run_argv, summarize
+from trainer.wandb_records import history, read_records, run_id
 
 SMALL = ("trainer=debug", "data.batch_size=8", "data.block_size=64", "data.val_batches=1", "module.sample_tokens=0")
 FAST = (*SMALL, "spectral=off")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.wandb_records import history, run_id
 from tests.conftest import ROOT, run_train, train_cmd, wandb_files
 from trainer.run_dir import run_id_from_overrides
+from trainer.wandb_records import history, run_id
 
 
 def checkpoint_step(path: Path) -> int:

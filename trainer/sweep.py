@@ -291,7 +291,7 @@ def metric_rows(run_dir: str | Path) -> list[dict[str, float]]:
     if csv_file.exists():
         with open(csv_file, newline="") as f:
             return [_numeric_row(row) for row in csv.DictReader(f)]
-    from callbacks.wandb_records import history
+    from trainer.wandb_records import history
 
     rows = []
     for wandb_file in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) + sorted(
@@ -319,12 +319,9 @@ def model_from_checkpoint(path: str | Path) -> "GPT":
     """The GPT a LitGPT checkpoint holds, rebuilt from its hyper_parameters, with its weights.
 
     The file is verified and loaded with weights_only=True (CorruptCheckpointError otherwise)."""
-    from models import GPT, GPTConfig
+    from trainer.checkpoints import load_lit_gpt
 
-    ckpt = load_verified(path)
-    model = GPT(GPTConfig(**ckpt["hyper_parameters"]["model"]))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
-    return model
+    return load_lit_gpt(path).model
 
 
 def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
