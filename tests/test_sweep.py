@@ -217,3 +217,19 @@ def test_summary_keeps_only_this_invocation(tmp_path: Path) -> None:
     summary = summarize(tmp_path, 2.0)
     assert [j["dir"] for j in summary["jobs"]] == ["b", "c"]
     assert summary["counts"] == {"done": 0, "skipped": 1, "failed": 1, "incomplete": 0}
+
+
+def test_extending_a_finished_sweep_trains_its_jobs_and_records_them_done(tmp_path: Path, corpus_cache: Path) -> None:
+    args = ("-m", "attention=mha,gqa", *FAST, "trainer.max_steps=2", "logger=csv", "experiment_name=extended",
+            f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}")
+    sweep_dir = tmp_path / "extended"
+    assert run_sweep(*args).returncode == 0
+    extended = run_sweep(*args, "extend_to=4")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 0, "incomplete": 0}  # trained, not skipped
+    for job in (job_dir(sweep_dir, "attention=mha"), job_dir(sweep_dir, "attention=gqa")):
+        assert checkpoint_step(job / "checkpoints" / "last.ckpt") == 4
+        assert (job / "DONE").read_text() == "finished at step 4\n"
+    again = run_sweep(*args, "extend_to=4")
+    assert json.loads((sweep_dir / "sweep.json").read_text())["counts"]["skipped"] == 2 and again.returncode == 0

@@ -206,6 +206,7 @@ class SweepBookkeeping(Callback):
         previous = _read_json(run.path / JOB_FILE)
         was_done = run.is_done()
         self._job = {"start": time.time(), "was_done": was_done,
+                     "done_before": run.done_file.read_text() if was_done else None,  # an extension rewrites it
                      "attempts": previous.get("attempts", 0) + (0 if was_done else 1)}
         failed = run.path / FAILED_FILE
         if failed.exists() and not was_done:
@@ -231,8 +232,8 @@ class SweepBookkeeping(Callback):
         error = job_return._return_value if failed else None
         if failed:
             status = "failed"
-        elif job["was_done"]:
-            status = "skipped"
+        elif job["was_done"] and run.is_done() and run.done_file.read_text() == job.get("done_before"):
+            status = "skipped"  # DONE before and untouched (an extend_to run rewrites DONE: it is "done")
         else:
             status = "done" if run.is_done() else "incomplete"
         value = job_return._return_value if not failed else None
