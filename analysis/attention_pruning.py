@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from analysis.laser import block_metrics
+from models.attention.common import causal_mask
 from models.attention.gqa import GroupedQueryAttention
 from models.attention.kv_shift import KVShiftAttention, shift
 
@@ -87,8 +88,7 @@ def _rope(
 def causal_softmax(S: torch.Tensor) -> torch.Tensor:
     """Row-softmax of scores S (..., T, T) with entries j > i masked out."""
     T = S.shape[-1]
-    keep = torch.ones(T, T, dtype=torch.bool, device=S.device).tril()
-    return torch.softmax(S.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.softmax(S.masked_fill(~causal_mask(T, T, S.device), float("-inf")), dim=-1)
 
 
 @dataclass

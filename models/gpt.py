@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import build_attention
+from models.attention.common import causal_mask
 from models.cache import KVCache, LayerCache
 from models.config import GPTConfig
 from models.mlp import GELUMLP, SwiGLU
@@ -125,7 +126,7 @@ class GPT(nn.Module):
     def attention_scores(self, idx: torch.Tensor) -> Iterator[torch.Tensor]:
         """Layer by layer, the causal pre-softmax logits (B, H, T, T) of idx (B, T); -inf above the diagonal."""
         T = idx.shape[1]
-        future = torch.ones(T, T, dtype=torch.bool, device=idx.device).triu(diagonal=1)
+        future = ~causal_mask(T, T, idx.device)
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
             yield block.attn.attention_scores(block.attn_norm(x)).float().masked_fill(future, float("-inf"))

@@ -4,6 +4,12 @@ import torch
 import torch.nn.functional as F
 
 
+def causal_mask(Tq: int, Tk: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(Tq, Tk) bool, True where query i may see key j: the Tq queries are the last Tq of the Tk positions
+    (bottom-right aligned), so query i sees keys j <= i + Tk - Tq."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -18,8 +24,7 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device), scale=scale)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

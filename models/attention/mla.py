@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.common import causal_attention
+from models.attention.common import causal_attention, causal_mask
 from models.cache import LayerCache
 from models.config import GPTConfig
 from models.norm import RMSNorm
@@ -44,8 +44,7 @@ def latent_attention(q: torch.Tensor, kv: torch.Tensor, d_v: int, scale: float) 
     q = q.transpose(1, 2).reshape(B, 1, T * H, d)  # (B, 1, T*H, d), row t*H + h
     mask = None
     if T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        mask = mask.repeat_interleave(H, dim=0)  # (T*H, S)
+        mask = causal_mask(T, S, q.device).repeat_interleave(H, dim=0)  # (T*H, S)
     kv = kv.to(q.dtype)[:, None]  # (B, 1, S, d)
     o = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)  # (B, 1, T*H, d)
     return o[..., :d_v].reshape(B, T, H, d_v).transpose(1, 2)  # (B, H, T, d_v)

@@ -36,6 +36,7 @@ every head, whereas the paper's heads learn different mixes; this form costs no 
 import torch
 import torch.nn.functional as F
 
+from models.attention.common import causal_mask
 from models.attention.kv_shift import shift, shift_meta
 from models.attention.mla import MultiHeadLatentAttention, padded_attention
 from models.cache import LayerCache
@@ -126,8 +127,7 @@ class MLAKVShiftAttention(MultiHeadLatentAttention):
         s_prev = F.pad(s, (1, 0))[..., :-1]  # s_prev[..., j] = q̃ . c_{j-1}, zero at j = 0
         scores = (a1 * (s + r) + a2 * (s_prev + r_prev)) * self.scale  # (B, H, T, S)
         if T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=c.device).tril(diagonal=S - T)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~causal_mask(T, S, c.device), float("-inf"))
         p = scores.float().softmax(dim=-1).to(c.dtype)  # (B, H, T, S)
         p_next = F.pad(p, (0, 1))[..., 1:]  # p_next[..., j] = p[..., j+1]: the weight c_j gets as c_{(j+1)-1}
         o = ((b1 * p + b2 * p_next).view(B, H * T, S) @ c).view(B, H, T, -1)  # (B, H, T, dc)

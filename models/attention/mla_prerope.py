@@ -21,6 +21,7 @@ kv_lora_rank elements per token per layer, more than MLA's kv_lora_rank + qk_rop
 import torch
 from torch import nn
 
+from models.attention.common import causal_mask
 from models.attention.mla import padded_attention
 from models.cache import LayerCache
 from models.config import GPTConfig
@@ -90,8 +91,7 @@ class MLAPreRoPEAttention(nn.Module):
         S = k.shape[2]
         scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, T, S)
         if T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
         p = scores.float().softmax(dim=-1).to(q.dtype).view(B, H * T, S)
         o = (p @ c_kv.to(q.dtype)).view(B, H, T, -1)  # (B, H, T, dc)
         return o @ self.up_weights()[1].transpose(1, 2)  # (B, H, T, dv)
