@@ -30,15 +30,26 @@ def shift(x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
     return torch.cat([first, x[..., :-1, :]], dim=-2)
 
 
+def add_shift_weights(module: nn.Module, n: int) -> None:
+    """Register the shift weights of n heads on `module`: alpha1, alpha2 (current and previous key) and
+    beta1, beta2 (current and previous value), each (n,); alpha1, beta1 ~ U(0, 1), alpha2 = 1 - alpha1,
+    beta2 = 1 - beta1 at init."""
+    alpha1, beta1 = torch.rand(n), torch.rand(n)
+    module.alpha1 = nn.Parameter(alpha1)  # weight of the current key, per head
+    module.alpha2 = nn.Parameter(1 - alpha1)  # weight of the previous key
+    module.beta1 = nn.Parameter(beta1)  # weight of the current value
+    module.beta2 = nn.Parameter(1 - beta1)  # weight of the previous value
+
+
+def shift_weights(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """α1, α2, β1, β2 of `module` shaped (n, 1, 1), to scale (B, n, T, d) tensors."""
+    return tuple(p.to(dtype)[:, None, None] for p in (module.alpha1, module.alpha2, module.beta1, module.beta2))
+
+
 class KVShiftAttention(GroupedQueryAttention):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
-        G = self.n_kv_head
-        alpha1, beta1 = torch.rand(G), torch.rand(G)
-        self.alpha1 = nn.Parameter(alpha1)  # weight of the current key, per KV head
-        self.alpha2 = nn.Parameter(1 - alpha1)  # weight of the previous key
-        self.beta1 = nn.Parameter(beta1)  # weight of the current value
-        self.beta2 = nn.Parameter(1 - beta1)  # weight of the previous value
+        add_shift_weights(self, self.n_kv_head)  # one set per key/value head
 
     def shift_kv(
         self, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None
@@ -49,7 +60,7 @@ class KVShiftAttention(GroupedQueryAttention):
         if cache is not None:
             cache.put("k_last", k[:, :, -1:].clone())  # (B, G, 1, dh); a copy, not a view of all T
             cache.put("v_last", v[:, :, -1:].clone())
-        a1, a2, b1, b2 = (p.to(k.dtype)[:, None, None] for p in (self.alpha1, self.alpha2, self.beta1, self.beta2))
+        a1, a2, b1, b2 = shift_weights(self, k.dtype)
         k_hat = a1 * k + a2 * shift(k, k_prev)  # (B, G, T, dh)
         v_hat = b1 * v + b2 * shift(v, v_prev)
         return k_hat, v_hat

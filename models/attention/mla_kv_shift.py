@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from models.attention.common import causal_mask
-from models.attention.kv_shift import shift, shift_meta
+from models.attention.kv_shift import add_shift_weights, shift, shift_meta, shift_weights
 from models.attention.mla import MultiHeadLatentAttention, padded_attention
 from models.cache import LayerCache
 from models.config import GPTConfig
@@ -47,16 +47,7 @@ from models.probe import QKFactors
 class MLAKVShiftAttention(MultiHeadLatentAttention):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
-        H = self.n_head
-        alpha1, beta1 = torch.rand(H), torch.rand(H)
-        self.alpha1 = torch.nn.Parameter(alpha1)  # weight of the current key, per head
-        self.alpha2 = torch.nn.Parameter(1 - alpha1)  # weight of the previous key
-        self.beta1 = torch.nn.Parameter(beta1)  # weight of the current value
-        self.beta2 = torch.nn.Parameter(1 - beta1)  # weight of the previous value
-
-    def shift_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """α1, α2, β1, β2 shaped (H, 1, 1) to scale (B, H, T, d) tensors."""
-        return tuple(p.to(dtype)[:, None, None] for p in (self.alpha1, self.alpha2, self.beta1, self.beta2))
+        add_shift_weights(self, self.n_head)  # one set per head
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -87,7 +78,7 @@ class MLAKVShiftAttention(MultiHeadLatentAttention):
         """Per-head q (B, H, T, dn+dr), shifted and rotated k (B, H, S, dn+dr), shifted v (B, H, S, dv)."""
         B, S, _ = c_kv.shape
         H, dn, dr = self.n_head, self.qk_nope_head_dim, self.qk_rope_head_dim
-        a1, a2, b1, b2 = self.shift_weights(q_nope.dtype)
+        a1, a2, b1, b2 = shift_weights(self, q_nope.dtype)
         kv = self.kv_b_proj(c_kv).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, dn+dv)
         k_nope, v = kv.split([dn, self.v_head_dim], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
         k = torch.cat([k_nope, k_rope[:, None].expand(B, H, S, dr)], dim=-1)  # (B, H, S, dn+dr)
@@ -116,7 +107,7 @@ class MLAKVShiftAttention(MultiHeadLatentAttention):
         """The module docstring's latent form: shifted scores, mixed probabilities; -> (B, H, T, dv)."""
         B, H, T, _ = q_nope.shape
         S = c_kv.shape[1]
-        a1, a2, b1, b2 = self.shift_weights(q_nope.dtype)
+        a1, a2, b1, b2 = shift_weights(self, q_nope.dtype)
         w_uk, w_uv = self.up_weights()  # (H, dn, dc), (H, dv, dc)
         c = c_kv.to(q_nope.dtype)
         q_lat = (q_nope @ w_uk).view(B, H * T, -1)  # (B, H*T, dc): heads folded, latents read once
