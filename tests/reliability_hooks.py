@@ -209,6 +209,18 @@ def _await_group_exit(pgid: int, grace: float) -> None:
 BALLAST = "ballast"  # the file DiskFaultAt fills a disk with
 
 
+def fill_disk(path: Path) -> None:
+    """Write zeros to `path` until its filesystem is full (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:  # ENOSPC: the disk is full
+        pass
+    finally:
+        os.close(fd)
+
+
 class DiskFaultAt(L.Callback):
     """At the end of optimizer step `step`, fill the filesystem mounted at `path` (a real tmpfs the test
     mounted) with a ballast file until ENOSPC; the test removes the ballast afterwards."""
@@ -218,16 +230,8 @@ class DiskFaultAt(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step != self.step:
-            return
-        fd = os.open(self.path / BALLAST, os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 65536)
-        except OSError:  # ENOSPC: the disk is full
-            pass
-        finally:
-            os.close(fd)
+        if trainer.global_step == self.step:
+            fill_disk(self.path / BALLAST)
 
 
 class DeleteWandbAt(L.Callback):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import wandb_files
-from tests.reliability_hooks import KILL_ENV, ChildRun, run_forked
+from tests.reliability_hooks import KILL_ENV, ChildRun, fill_disk, run_forked
 from trainer.wandb_records import history
 
 MAX_STEPS = 16
@@ -117,14 +117,7 @@ def mount_tmpfs(target: Path, options: str, fill: bool) -> None:
         print("SKIP: cannot mount a tmpfs here:", os.strerror(ctypes.get_errno()))
         os._exit(77)
     if fill:
-        fd = os.open(target / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 65536)
-        except OSError:  # ENOSPC: the disk is full
-            pass
-        finally:
-            os.close(fd)
+        fill_disk(target / "filler")
     if "ro" in options.split(","):
         libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", 0x20 | 1, None)  # MS_REMOUNT | MS_RDONLY
 

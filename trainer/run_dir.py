@@ -135,7 +135,7 @@ class RunDirectory:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.unlock()
+        self.unlock()  # a lock held before (move_aside: on the .lock that moved away) goes now
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -173,10 +173,7 @@ class RunDirectory:
 
     def planned_steps(self) -> int | None:
         """The steps the run is planned for now: its last extension's, else its first plan's."""
-        plan = self.read_plan()
-        if plan is None:
-            return None
-        return int(plan["extensions"][-1]["to"]) if plan.get("extensions") else int(plan["max_steps"])
+        return _planned(self.read_plan())
 
     def plan(self, max_steps: int, extend_to: int | None) -> int:
         """The steps this command trains to; raises RunDirectoryError, before anything is written,
@@ -196,7 +193,7 @@ class RunDirectory:
                     f"extend_to={extend_to} continues an existing run, and {self.path} holds none; "
                     f"for a new run set trainer.max_steps={extend_to}")
             return max_steps
-        planned = self.planned_steps()
+        planned = _planned(first)
         if max_steps != first["max_steps"]:
             now = f", extended to {planned}" if planned != first["max_steps"] else ""
             raise RunDirectoryError(
@@ -216,7 +213,7 @@ class RunDirectory:
         plan = self.read_plan()
         if plan is None:
             plan = {"max_steps": max_steps, "extensions": []}
-        elif max_steps != self.planned_steps():
+        elif max_steps != _planned(plan):
             plan["extensions"].append({"from_step": step, "to": max_steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         else:
             return
@@ -336,6 +333,13 @@ class RunDirectory:
         shutil.rmtree(self.path)
         if not any(self.path.parent.iterdir()):
             self.path.parent.rmdir()
+
+
+def _planned(plan: dict[str, Any] | None) -> int | None:
+    """The steps a run.json plan stands at: its last extension's, else its first plan's (None: no plan)."""
+    if plan is None:
+        return None
+    return int(plan["extensions"][-1]["to"]) if plan.get("extensions") else int(plan["max_steps"])
 
 
 def _json_step(line: str) -> int:
