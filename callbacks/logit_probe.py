@@ -3,7 +3,7 @@
 import lightning as L
 import torch
 
-from analysis.logits import LogitStats, logit_stats
+from analysis.spectral.logits import LogitStats, logit_stats
 
 
 def probe_batch(trainer: L.Trainer, pl_module: L.LightningModule, n_sequences: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
-from analysis.logits import clip_factors, logit_bound
+from analysis.spectral.logits import clip_factors, logit_bound
 from callbacks.logit_probe import measure_logits, probe_batch
 
 SOURCES = ("measured", "bound")

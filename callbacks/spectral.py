@@ -23,25 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
-from analysis import NULL_NAMES, HeadSpectra, SpectralAnalyzer, SpectralReport, benjamini_hochberg
-from analysis.history import ALERTS_FILE, LOGITS_FILE, SPECTRA_DIR, append_logit_check, write_check
-from analysis.logits import LogitStats, clip_factors
-from analysis.plots import esd_grid, layer_head_heatmap
+from analysis.spectral import NULL_NAMES, HeadSpectra, SpectralAnalyzer, SpectralReport
+from analysis.spectral.history import ALERTS_FILE, LOGITS_FILE, SPECTRA_DIR, append_logit_check, write_report
+from analysis.spectral.logits import LogitStats, clip_factors
 from callbacks.logit_probe import measure_logits, probe_batch
-from callbacks.spectral_rules import LEVELS, RULES, Alert, Persistence
+from callbacks.spectral_logging import logit_scalars, probe_meta, report_scalars, wandb_payload
+from callbacks.spectral_rules import Alert, build_rules, check_actions
 
 log = logging.getLogger(__name__)
-
-ACTIONS = ("log", "checkpoint", "stop", "qk_clip")
-HEAD_METRICS = ("lambda_max", "edge", "sigma2", "num_spikes", "tw_z", "stable_rank", "eff_rank",
-                "mp_softrank", "ks", "alpha", "overlap", "pvalue", "spectral_norm")
-
 
 def full_parameters(trainer: L.Trainer) -> contextlib.AbstractContextManager:
     """The unsharded weights for the duration of a `with` block, where a strategy shards them.
@@ -97,9 +90,9 @@ class SpectralHealthCallback(L.Callback):
         self.per_head, self.histogram_bins = per_head, min(histogram_bins, 512)
         self.image_every_n_checks, self.wait_duration = image_every_n_checks, wait_duration
         self.run_dir = Path(run_dir) if run_dir else None
-        self.rules, self.persistence, self.start_steps = self._build_rules(rules or {}, fa_level)
+        self.rules, self.persistence, self.start_steps = build_rules(rules or {}, fa_level)
         default_actions = {"INFO": ["log"], "WARN": ["log"], "ERROR": ["log", "checkpoint", "stop"]}
-        self.actions = self._check_actions(actions or default_actions)
+        self.actions = check_actions(actions or default_actions)
         self.checks = 0
         self.logit_checks = 0
         self.clip_armed = False
@@ -108,40 +101,6 @@ class SpectralHealthCallback(L.Callback):
         self.rule_memory: dict[str, dict] = {name: {} for name in self.rules}
         self.previous: SpectralReport | None = None
         self.seconds_total = 0.0
-
-    @staticmethod
-    def _build_rules(config: dict[str, dict[str, Any]], fa_level: float) -> tuple[dict, dict, dict]:
-        """Rules, their persistence trackers and the step from which each is evaluated (`start_step`)."""
-        rules, persistence, start_steps = {}, {}, {}
-        merged = {name: {} for name in RULES} | {name: dict(params or {}) for name, params in dict(config).items()}
-        for name, params in merged.items():
-            if name not in RULES:
-                raise ValueError(f"spectral.rules.{name} is not a rule; allowed: {sorted(RULES)}")
-            params = dict(params)
-            if params.pop("enabled", True) is False:
-                continue
-            start_steps[name] = int(params.pop("start_step", RULES[name].start_step))
-            window = dict(zip(("k", "K", "cooldown"), RULES[name].persistence, strict=True))
-            window |= {key: params.pop(key) for key in ("k", "K", "cooldown") if key in params}
-            if name == "spikes":
-                params.setdefault("fa_level", fa_level)
-            rule = RULES[name](**params)
-            if rule.level not in LEVELS:
-                raise ValueError(f"spectral.rules.{name}.level={rule.level!r}; allowed: {list(LEVELS)}")
-            rules[name], persistence[name] = rule, Persistence(**window)
-        return rules, persistence, start_steps
-
-    @staticmethod
-    def _check_actions(actions: dict[str, list[str]]) -> dict[str, list[str]]:
-        out = {}
-        for level, acts in dict(actions).items():
-            if level not in LEVELS:
-                raise ValueError(f"spectral.actions.{level} is not a level; allowed: {list(LEVELS)}")
-            bad = [a for a in acts if a not in ACTIONS]
-            if bad:
-                raise ValueError(f"spectral.actions.{level}={bad} is invalid; allowed: {list(ACTIONS)}")
-            out[level] = list(acts)
-        return out
 
     # ----------------------------------------------------------------- scheduling
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -207,7 +166,7 @@ class SpectralHealthCallback(L.Callback):
         fired = self._evaluate("logits", stats, step, self.logit_checks)
         self.logit_checks += 1
         for logger in trainer.loggers:
-            logger.log_metrics(self._logit_scalars(stats), step=step)
+            logger.log_metrics(logit_scalars(stats), step=step)
         self._write_logits(stats, step)
         return stats, fired
 
@@ -221,8 +180,9 @@ class SpectralHealthCallback(L.Callback):
             self.previous = report
             fired = self._evaluate("spectral", report, step, self.checks)
             self.checks += 1
-            self._log(trainer, report, self._probe_meta(factors), step)
-            self._write_history(report, step)
+            self._log(trainer, report, probe_meta(factors), step)
+            if self.run_dir is not None:
+                write_report(self.run_dir / SPECTRA_DIR, step, report)
         except Exception as e:  # a failed analysis (an SVD that did not converge, ...) is an alert, not a crash
             log.exception("spectral check at step %d failed", step)
             fired = [Alert("analysis_error", "ERROR", "qkscope: spectral analysis failed",
@@ -243,17 +203,6 @@ class SpectralHealthCallback(L.Callback):
                 text = f"step {step}: " + "; ".join(details[k] for k in keys)
                 alerts.append(Alert(name, rule.level, f"qkscope: {rule.title}", text, step, keys))
         return alerts
-
-    @staticmethod
-    def _logit_scalars(stats: LogitStats) -> dict[str, float]:
-        out = {"logits/max_logit": float(stats.max_logit.max()), "logits/bound": float(stats.bound.max()),
-               "logits/entropy_min": float(stats.entropy.min())}
-        for layer in range(stats.max_logit.shape[0]):
-            out[f"logits/L{layer}/max_logit"] = float(stats.max_logit[layer].max())
-            out[f"logits/L{layer}/bound"] = float(stats.bound[layer].max())
-            out[f"logits/L{layer}/entropy_min"] = float(stats.entropy[layer].min())
-            out[f"logits/L{layer}/entropy_mean"] = float(stats.entropy[layer].mean())
-        return out
 
     def _write_logits(self, stats: LogitStats, step: int) -> None:
         if self.run_dir is None:
@@ -281,97 +230,13 @@ class SpectralHealthCallback(L.Callback):
                 except Exception as e:  # a W&B failure must not stop training
                     log.warning("wandb.alert failed: %s", e)
 
-    @staticmethod
-    def _probe_meta(factors: list) -> dict[str, float]:
-        """The probe's per-variant scalars (KV-shift α/β, MLA ranks) as spectral/meta/L<l>/<kind>/<key>."""
-        return {f"L{layer}/{f.kind}/{key}": float(value)
-                for layer, kinds in enumerate(factors) for f in kinds for key, value in f.meta.items()}
-
-    def _scalars(self, report: SpectralReport, meta: dict[str, float]) -> dict[str, float]:
-        out = {"spectral/check_seconds": report.seconds, "spectral/checks": float(self.checks)}
-        for kind, hs in report.heads.items():
-            ratio = hs.lambda_max / hs.edge
-            spikes = torch.where(hs.finite, hs.num_spikes, 0)
-            out[f"spectral/{kind}/spikes_total"] = float(spikes.sum())
-            out[f"spectral/{kind}/heads_flagged_bh"] = float(benjamini_hochberg(hs.pvalue, self.bh_q).sum())
-            out[f"spectral/{kind}/non_finite_heads"] = float((~hs.finite).sum())
-            for layer in range(ratio.shape[0]):
-                p = f"spectral/{kind}/L{layer}"
-                out[f"{p}/lambda_max_over_edge"] = float(ratio[layer].nan_to_num(0).max())
-                out[f"{p}/spikes"] = float(spikes[layer].sum())
-                for name in ("eff_rank", "stable_rank", "tw_z", "alpha", "ks", "overlap", "sigma2"):
-                    out[f"{p}/{name}"] = float(getattr(hs, name)[layer].nanmean())
-                out[f"{p}/spectral_norm"] = float(hs.spectral_norm[layer].nan_to_num(0).max())
-                if self.per_head:
-                    for head in range(ratio.shape[1]):
-                        for name in HEAD_METRICS:
-                            out[f"{p}H{head}/{name}"] = float(getattr(hs, name)[layer, head])
-        for key, value in meta.items():
-            out[f"spectral/meta/{key}"] = value
-        return out
-
     def _log(self, trainer: L.Trainer, report: SpectralReport, meta: dict[str, float], step: int) -> None:
-        scalars = self._scalars(report, meta)
+        scalars = report_scalars(report, meta, self.checks, self.bh_q, self.per_head)
+        images = bool(self.image_every_n_checks) and (self.checks - 1) % self.image_every_n_checks == 0
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, report, step)
-
-    def _log_wandb(self, logger: WandbLogger, report: SpectralReport, step: int) -> None:
-        import wandb
-
-        payload: dict[str, Any] = {"trainer/global_step": step}
-        for kind, hs in report.heads.items():
-            for layer in range(hs.eigs.shape[0]):
-                values = hs.eigs[layer].flatten()
-                values = values[torch.isfinite(values)].numpy()
-                if values.size:
-                    counts, edges = np.histogram(values, bins=self.histogram_bins)
-                    payload[f"spectral_esd/{kind}/L{layer}"] = wandb.Histogram(np_histogram=(counts, edges))
-        if self.image_every_n_checks and (self.checks - 1) % self.image_every_n_checks == 0:
-            for kind, fig in self._figures(report).items():
-                payload[f"spectral_images/{kind}"] = wandb.Image(fig)
-                plt.close(fig)
-            payload["spectral/heads"] = wandb.Table(*self._table(report))
-        logger.experiment.log(payload)
-
-    def _figures(self, report: SpectralReport) -> dict[str, Any]:
-        """Each kind's ESD per layer with the null density and edge, and its layer x head heatmap."""
-        figures = {}
-        for kind, hs in report.heads.items():
-            eigs, edge = hs.eigs.numpy(), hs.edge.numpy()
-            d, r = hs.top_u.shape[-1], eigs.shape[-1]
-            top = float(np.nanmax(eigs)) if np.isfinite(eigs).any() else 1.0
-            grid = torch.linspace(1e-3, max(top, float(np.nanmax(edge))) * 1.1, 256)
-            density = self.analyzer.null_density(kind, d, r, grid).numpy()
-            figures[f"{kind}_esd"] = esd_grid(eigs, edge, grid.numpy(), density, title=f"{kind} ESD vs null")
-            figures[f"{kind}_lambda_max_over_edge"] = layer_head_heatmap(
-                (hs.lambda_max / hs.edge).numpy(), f"{kind}: λ_max / edge")
-        return figures
-
-    @staticmethod
-    def _table(report: SpectralReport) -> tuple[list[str], list[list]]:
-        columns = ["kind", "layer", "head", *HEAD_METRICS]
-        rows = []
-        for kind, hs in report.heads.items():
-            for layer in range(hs.eigs.shape[0]):
-                for head in range(hs.eigs.shape[1]):
-                    rows.append([kind, layer, head, *(float(getattr(hs, m)[layer, head]) for m in HEAD_METRICS)])
-        return columns, rows
-
-    def _write_history(self, report: SpectralReport, step: int) -> None:
-        if self.run_dir is None:
-            return
-        arrays = {}
-        if report.layer_sum.numel():
-            arrays["layer_sum"] = report.layer_sum.numpy()
-        for kind, hs in report.heads.items():
-            arrays[f"{kind}/eigs"] = hs.eigs.numpy()
-            for name in (*HEAD_METRICS, "threshold", "finite"):
-                arrays[f"{kind}/{name}"] = getattr(hs, name).numpy()
-        for name, sv in report.factors.items():
-            arrays[f"factor/{name}"] = sv.numpy()
-        write_check(self.run_dir / SPECTRA_DIR, step, arrays)
+                logger.experiment.log(wandb_payload(report, step, self.analyzer, self.histogram_bins, images))
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

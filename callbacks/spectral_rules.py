@@ -11,11 +11,12 @@ dicts, so it round-trips through a Lightning checkpoint.
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from analysis import SpectralReport
-from analysis.logits import LogitStats
+from analysis.spectral import SpectralReport
+from analysis.spectral.logits import LogitStats
 
 LEVELS = ("INFO", "WARN", "ERROR")
 
@@ -263,3 +264,40 @@ class Persistence:
 
 RULES = {cls.name: cls for cls in (SpikeRule, LayerLocalisedRule, RankCollapseRule, RunawayNormRule, NonFiniteRule,
                                    LogitGrowthRule)}
+
+
+ACTIONS = ("log", "checkpoint", "stop", "qk_clip")  # what an alert of a level may trigger
+
+
+def build_rules(config: dict[str, dict[str, Any]], fa_level: float) -> tuple[dict, dict, dict]:
+    """Rules, their persistence trackers and the step from which each is evaluated (`start_step`)."""
+    rules, persistence, start_steps = {}, {}, {}
+    merged = {name: {} for name in RULES} | {name: dict(params or {}) for name, params in dict(config).items()}
+    for name, params in merged.items():
+        if name not in RULES:
+            raise ValueError(f"spectral.rules.{name} is not a rule; allowed: {sorted(RULES)}")
+        params = dict(params)
+        if params.pop("enabled", True) is False:
+            continue
+        start_steps[name] = int(params.pop("start_step", RULES[name].start_step))
+        window = dict(zip(("k", "K", "cooldown"), RULES[name].persistence, strict=True))
+        window |= {key: params.pop(key) for key in ("k", "K", "cooldown") if key in params}
+        if name == "spikes":
+            params.setdefault("fa_level", fa_level)
+        rule = RULES[name](**params)
+        if rule.level not in LEVELS:
+            raise ValueError(f"spectral.rules.{name}.level={rule.level!r}; allowed: {list(LEVELS)}")
+        rules[name], persistence[name] = rule, Persistence(**window)
+    return rules, persistence, start_steps
+
+def check_actions(actions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`spectral.actions`: per level, the actions it triggers, each one of ACTIONS."""
+    out = {}
+    for level, acts in dict(actions).items():
+        if level not in LEVELS:
+            raise ValueError(f"spectral.actions.{level} is not a level; allowed: {list(LEVELS)}")
+        bad = [a for a in acts if a not in ACTIONS]
+        if bad:
+            raise ValueError(f"spectral.actions.{level}={bad} is invalid; allowed: {list(ACTIONS)}")
+        out[level] = list(acts)
+    return out

@@ -60,7 +60,7 @@ class LogitTerm:
     gains folded into the factors), R_n is RoPE's rotation by n positions (identity when the
     term has no rotary tables) and c_hm are the weights of the keys mixed into one key (KV
     shifting: α1, α2), whose absolute sum is key_mix_h. This is all a weight-only bound of the
-    logit needs (analysis/logits.py).
+    logit needs (analysis/spectral/logits.py).
 
     Attributes:
         query: (H, n_q, r) query-side factor, q_h = query_h^T u.

@@ -4,7 +4,7 @@
 
 Each run is `python -m trainer.train experiment=alerts_bench <overrides>` (conf/experiment/
 alerts_bench.yaml): finished runs (DONE) are skipped, so rerunning the command resumes the
-benchmark. Labels come from the loss curves alone (analysis/alert_bench.py, docs/alerts.md).
+benchmark. Labels come from the loss curves alone (analysis/study/alert_bench.py, docs/alerts.md).
 Writes summary.json and alerts_bench.png under --out and prints the tables of the README.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from analysis.alert_bench import (
+from analysis.spectral.plots import alert_bench_figure
+from analysis.study.alert_bench import (
     RunRecord,
     early_logit,
     first_rule_fire,
@@ -29,7 +30,6 @@ from analysis.alert_bench import (
     loss_spike,
     score,
 )
-from analysis.plots import alert_bench_figure
 from trainer.run_dir import RunDirectory, run_id_from_overrides
 
 BASE_LR = 3e-3  # conf/optim/adamw.yaml

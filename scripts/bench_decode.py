@@ -22,7 +22,7 @@ import time
 import torch
 
 from models import GPT, GPTConfig
-from models.cache import KVCache, LayerCache
+from models.gpt import KVCache, LayerCache
 
 VARIANTS = {  # row name -> (attention config, decode path)
     "mha": ({"name": "mha"}, "cache"),

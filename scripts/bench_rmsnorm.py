@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.norm import RMSNorm
+from models.gpt import RMSNorm
 from scripts.bench_train import machine_info
 
 SHAPE = (32, 128, 128)  # (B, T, C) of the default run

@@ -1,4 +1,4 @@
-"""Time one spectral check per model preset (logic in analysis/bench.py).
+"""Time one spectral check per model preset (logic in analysis/study/bench.py).
 
     python scripts/bench_spectral.py [--out bench_spectral.json] [--presets tiny small gpt2-small]
                                      [--null product] [--repeats 5] [--weightwatcher]
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.bench import PRESETS, format_table, run
+from analysis.study.bench import PRESETS, format_table, run
 
 
 def main() -> None:

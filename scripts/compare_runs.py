@@ -2,14 +2,14 @@
 
 Writes one report (index.html, PNGs and compare.json; default SWEEP_DIR/report): validation
 loss curves, tokens/s, KV-cache bytes per token per layer measured on each run's model, and
-spectral spikes per layer over time. The logic is trainer.sweep.build_report.
+spectral spikes per layer over time. The logic is trainer.run_results.build_report.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from trainer.sweep import build_report
+from trainer.run_results import build_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
 
 Per variant (attention name) over its seeds: (step, layer) heatmaps of λ_max/edge and spike
 counts (seed mean), effective rank per layer over steps (mean and min-max band), the alerts each
-run raised (alerts.jsonl), validation loss; summary.json holds the numbers (analysis/rmt_study.py).
+run raised (alerts.jsonl), validation loss; summary.json holds the numbers (analysis/study/rmt_study.py).
 """
 
 import argparse
@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
-from analysis import compare  # noqa: E402
-from analysis.history import load_history  # noqa: E402
-from analysis.rmt_study import (  # noqa: E402
+from analysis.spectral.history import load_history  # noqa: E402
+from analysis.study import compare  # noqa: E402
+from analysis.study.rmt_study import (  # noqa: E402
     RunData,
     alert_counts,
     alerts_figure,
@@ -31,7 +31,7 @@ from analysis.rmt_study import (  # noqa: E402
     summarize,
     val_loss_figure,
 )
-from trainer.sweep import job_status, metric_rows, sweep_jobs  # noqa: E402
+from trainer.run_results import job_status, metric_rows, sweep_jobs  # noqa: E402
 
 
 def load_run(job: Path) -> RunData | None:

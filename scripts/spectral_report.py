@@ -10,11 +10,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from analysis.compare import series
-from analysis.history import load_history, load_logit_history
-from analysis.plots import esd_grid, layer_head_heatmap, lines_over_steps, loss_with_alerts, step_layer_heatmap
+from analysis.spectral.history import load_history, load_logit_history
+from analysis.spectral.plots import esd_grid, layer_head_heatmap, lines_over_steps, loss_with_alerts, step_layer_heatmap
+from analysis.study.compare import series
 from trainer.run_dir import RunDirectory
-from trainer.sweep import metric_rows
+from trainer.run_results import metric_rows
 
 
 def main() -> None:

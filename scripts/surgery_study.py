@@ -5,7 +5,7 @@
 
 `kjv`: LASER (`trainer.laser`, default grid), Q/K pruning (`trainer.prune study=true`: learned,
 magnitude and Wanda at 30/50/70%) and K-MSHC (`trainer.circuits`) on a checkpoint of the
-default run. `tasks`: write the agreement + bracket training text (`analysis.tasks.task_corpus`,
+default run. `tasks`: write the agreement + bracket training text (`analysis.surgery.tasks.task_corpus`,
 the evaluation pairs left out), train the default model on it (`trainer.train data=files`),
 and search both tasks' circuits on that checkpoint. Without --run each part only summarises
 what the tools already wrote (RUN/laser, RUN/prune, RUN/circuits). Every step is one of the
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from analysis.tasks import agreement_pairs, bracket_pairs, task_corpus
+from analysis.surgery.tasks import agreement_pairs, bracket_pairs, task_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 

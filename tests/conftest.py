@@ -1,11 +1,19 @@
 """Shared helpers: compose the real config, run the real entry point, find W&B files."""
 
+import contextlib
+import io
+import logging
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+import wandb
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -31,7 +39,64 @@ def train_cmd(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "trainer.train", *overrides]
 
 
-def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+@dataclass
+class Finished:
+    """What a finished run printed and its exit status, as subprocess.CompletedProcess has them."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_train(*overrides: str) -> Finished:
+    """`python -m trainer.train *overrides`, run in the test process (`run_module`)."""
+    return run_module("trainer.train", *overrides)
+
+
+def run_module(module: str, *args: str) -> Finished:
+    """Run an entry point (`python -m <module> *args`: Hydra, its callbacks, the task) inside the test
+    process; what it prints and its exit status come back as a subprocess would give them. W&B
+    offline, one torch thread, the W&B run finished and its service stopped, argv, environment and
+    logging restored. Tests that need a process of their own (SIGKILL, DDP, the README) use
+    `run_train_process`."""
+    env = {"WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_argv, threads = sys.argv, torch.get_num_threads()
+    root, saved_handlers, saved_level = logging.getLogger(), logging.getLogger().handlers[:], logging.getLogger().level
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    os.environ.update(env)
+    sys.argv = [module.replace(".", "/") + ".py", *args]
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)  # as `python -m` runs it
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+            finally:  # finish the run and stop this process's W&B service: a later subprocess or fork of the
+                with contextlib.suppress(SystemExit):  # test process would otherwise connect to it (WANDB_SERVICE)
+                    wandb.teardown(exit_code=code)
+                os.environ.pop("WANDB_SERVICE", None)
+    finally:
+        for handler in root.handlers:  # Hydra's job logging (console, <job>.log): closed, pytest's put back
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers[:], root.level = saved_handlers, saved_level
+        sys.argv = saved_argv
+        torch.set_num_threads(threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Finished(code, out.getvalue(), err.getvalue())
+
+
+def run_train_process(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real entry point in a subprocess from the repository root."""
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(train_cmd(*overrides), cwd=ROOT, env=env, capture_output=True, text=True,

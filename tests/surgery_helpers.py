@@ -1,8 +1,5 @@
 """Helpers of the surgery tests (LASER, Q/K pruning, circuits): run a tool, check its checkpoint."""
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -10,16 +7,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LambdaCallback
 
-from tests.conftest import ROOT
+from tests.conftest import Finished, run_module
 from trainer.checkpoints import run_datamodule
 from trainer.lit_gpt import LitGPT
 
 
-def run_tool(module: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a post-training entry point (`python -m trainer.<tool>`) in a subprocess from the repository root."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def run_tool(module: str, *overrides: str) -> Finished:
+    """Run a post-training entry point (`python -m trainer.<tool>`) in the test process."""
+    return run_module(module, *overrides)
 
 
 def check_edited_checkpoint(path: Path, source: Path) -> LitGPT:

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from analysis.alert_bench import Label, RunRecord, label_run, loss_spike, score
+from analysis.study.alert_bench import Label, RunRecord, label_run, loss_spike, score
 
 
 def record(loss: list[float], final_val: float, alerts: list[dict] | None = None) -> RunRecord:

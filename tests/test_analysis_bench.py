@@ -1,4 +1,4 @@
-"""The spectral benchmark (analysis/bench.py, scripts/bench_spectral.py) runs and reports."""
+"""The spectral benchmark (analysis/study/bench.py, scripts/bench_spectral.py) runs and reports."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.bench import format_table, run
+from analysis.study.bench import format_table, run
 
 ROOT = Path(__file__).resolve().parents[1]
 

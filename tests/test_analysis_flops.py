@@ -1,10 +1,10 @@
-"""Analytic FLOP counts (analysis/flops.py) against torch's FLOP counter on a meta-device model."""
+"""Analytic FLOP counts (analysis/study/flops.py) against torch's FLOP counter on a meta-device model."""
 
 import pytest
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
-from analysis.flops import attention_dims, forward_flops_per_token, train_flops_per_batch
+from analysis.study.flops import attention_dims, forward_flops_per_token, train_flops_per_batch
 from models import GPT, GPTConfig
 
 VARIANTS = [

@@ -1,12 +1,12 @@
-"""Per-matrix metrics (analysis/metrics.py) and multiple testing (analysis/multitest.py) on known answers."""
+"""Per-matrix metrics and multiple testing (analysis/spectral/: metrics.py, multitest.py) on known answers."""
 
 import math
 
 import pytest
 import torch
 
-from analysis import metrics
-from analysis.multitest import benjamini_hochberg, bonferroni
+from analysis.spectral import metrics
+from analysis.spectral.multitest import benjamini_hochberg, bonferroni
 
 NAN = float("nan")
 

@@ -1,4 +1,4 @@
-"""Null models (analysis/nulls.py): calibration, cache, false-alarm rates and detection power.
+"""Null models (analysis/spectral/nulls.py): calibration, cache, false-alarm rates and detection power.
 
 False-alarm tests draw independent Gaussian factors (as at initialisation) and count heads with a
 spike at fa_level = 1%; they pass when the rate is ≤ 1% + 3 binomial standard errors, so a null
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import SpectralAnalyzer, rmt
-from analysis.calibration import NullCalibrator, bartlett_triangular, simulate_null
-from analysis.esd import head_esd
-from analysis.nulls import product_null
-from analysis.spectra import lapack_threads
-from analysis.tail import TailFit
-from analysis.tracy_widom import tw1_sf
+from analysis.spectral import SpectralAnalyzer, rmt
+from analysis.spectral.calibration import NullCalibrator, bartlett_triangular, simulate_null
+from analysis.spectral.esd import head_esd
+from analysis.spectral.nulls import product_null
+from analysis.spectral.spectra import lapack_threads
+from analysis.spectral.tail import TailFit
+from analysis.spectral.tracy_widom import tw1_sf
 from models.probe import QKFactors
 
 LEVEL = 0.01
@@ -70,7 +70,7 @@ def test_calibration_is_cached_in_memory_and_on_disk(tmp_path):
     path = cal.path(32, 8)
     assert path.exists() and first.seconds > 0
     assert cal.get(32, 8) is first  # memory
-    from analysis import calibration
+    from analysis.spectral import calibration
 
     calibration._MEMORY.clear()
     loaded = NullCalibrator(draws=50, seed=123, cache_dir=str(tmp_path)).get(32, 8)
@@ -82,7 +82,7 @@ def test_calibration_is_cached_in_memory_and_on_disk(tmp_path):
 
 
 def test_corrupt_or_unwritable_cache_only_warns(tmp_path):
-    from analysis import calibration
+    from analysis.spectral import calibration
 
     cal = NullCalibrator(draws=40, seed=7, cache_dir=str(tmp_path))
     cal.path(16, 4).write_bytes(b"not an npz")

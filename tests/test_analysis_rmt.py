@@ -1,4 +1,4 @@
-"""RMT formulas (analysis/rmt.py, analysis/tracy_widom.py) against their definitions and simulation."""
+"""RMT formulas (analysis/spectral/: rmt.py, tracy_widom.py) against their definitions and simulation."""
 
 import math
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import rmt
-from analysis.calibration import bartlett_triangular
-from analysis.spectra import lapack_threads
-from analysis.tracy_widom import johnstone_center_scale, tw1_cdf, tw1_moments, tw1_quantile, tw1_sf
+from analysis.spectral import rmt
+from analysis.spectral.calibration import bartlett_triangular
+from analysis.spectral.spectra import lapack_threads
+from analysis.spectral.tracy_widom import johnstone_center_scale, tw1_cdf, tw1_moments, tw1_quantile, tw1_sf
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,11 @@
-"""Factor-route spectra (analysis/spectra.py) against dense decompositions."""
+"""Factor-route spectra (analysis/spectral/spectra.py) against dense decompositions."""
 
 import math
 
 import pytest
 import torch
 
-from analysis.spectra import (
+from analysis.spectral.spectra import (
     lapack_threads,
     layer_sum_spectrum,
     normalised_eigs,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models import GPT, GPTConfig
-from models.attention.kv_shift import shift
-from models.cache import KVCache
+from models.gpt import KVCache
+from models.kv_shift import shift
 from tests.test_attention_variants import decode_logits, make_model
 
 PAIRS = [  # (shifted variant, its base)

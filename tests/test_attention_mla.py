@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import GPT, GPTConfig
-from models.attention.mla import MultiHeadLatentAttention
+from models.mla import MultiHeadLatentAttention
 from tests.test_attention_variants import decode_logits, make_model, scramble
 
 MLA_VARIANTS = {

@@ -6,22 +6,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.attention_pruning import (
+from analysis.surgery.attention_map import attention_map, mask_grad, mask_loss, merged_mask_grad, merged_mask_loss
+from analysis.surgery.pruning import (
     LearnConfig,
     PruneConfig,
     attention_inputs,
-    attention_map,
     binarize,
     head_inputs,
-    mask_grad,
-    mask_loss,
-    merged_mask_grad,
-    merged_mask_loss,
+    plot_study,
     prune_qk,
     qk_weights,
 )
 from models import GPT, GPTConfig
-from models.attention.kv_shift import shift
+from models.kv_shift import shift
+from tests.png_checks import assert_png_of
 from tests.surgery_helpers import check_edited_checkpoint, run_tool
 
 VARIANTS = [{"name": "mha"}, {"name": "gqa", "n_kv_head": 2}, {"name": "kv_shift", "n_kv_head": 2}]
@@ -155,6 +153,18 @@ def test_entry_point_prunes_and_writes_a_loadable_checkpoint(surgery_checkpoint:
     assert all(r["attn_err"] > 0 and r["val_ppl"] > 1 for r in rows[1:])
     assert (out / "results.csv").read_text().startswith("method,sparsity,attn_err")
     assert (out / "prune.png").stat().st_size > 0
+    # the plot: per panel one line per method through its (sparsity, value) rows, the dense perplexity dashed
+    fig = plot_study(rows, title=f"Q/K pruning: {surgery_checkpoint.name}")
+    assert len(fig.axes) == 3
+    for ax, key in zip(fig.axes, ("val_ppl", "attn_err", "attn_err_e2e"), strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"magnitude", "wanda", "learned"} | ({"dense"} if key == "val_ppl" else set())
+        for method in ("magnitude", "wanda", "learned"):
+            pts = sorted((r["sparsity"], r[key]) for r in rows if r["method"] == method)
+            assert [tuple(map(float, xy)) for xy in zip(*lines[method].get_data(), strict=True)] == pts
+    dense = next(line for line in fig.axes[0].get_lines() if line.get_label() == "dense")
+    assert list(dense.get_ydata()) == [rows[0]["val_ppl"]] * 2
+    assert_png_of(out / "prune.png", fig, dpi=120)  # the file is this figure, 1440 x 408 px
     module = check_edited_checkpoint(out / "pruned.ckpt", surgery_checkpoint)
     for block in module.model.blocks:
         assert (block.attn.q_proj.weight == 0).float().mean() == 0.5

@@ -11,9 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from models import GPT, GPTConfig
-from models.attention import ATTENTION_CLASSES
-from models.cache import KVCache
 from models.config import AttentionConfig, AttentionName
+from models.gpt import ATTENTION, KVCache
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attention"
 
@@ -62,7 +61,7 @@ def decode_logits(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.Ten
 
 
 def test_every_variant_is_registered() -> None:
-    assert set(ATTENTION_CLASSES) == set(AttentionName)
+    assert set(ATTENTION) == set(AttentionName)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -166,4 +165,4 @@ def test_attention_config_files_build_a_model(path: Path) -> None:
     assert set(cfg) <= set(AttentionConfig.__dataclass_fields__)
     assert cfg["name"] == path.stem
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, d_model=64, n_head=4, attention=cfg))
-    assert isinstance(model.blocks[0].attn, ATTENTION_CLASSES[AttentionName(path.stem)])
+    assert isinstance(model.blocks[0].attn, ATTENTION[AttentionName(path.stem)])

@@ -2,13 +2,14 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from analysis.circuits import CircuitConfig, SetScorer, overlap, search, search_circuit
-from analysis.tasks import (
+from analysis.surgery.circuits import CircuitConfig, SetScorer, overlap, plot_circuits, search, search_circuit
+from analysis.surgery.tasks import (
     BRACKETS,
     NOUNS,
     EncodedPairs,
@@ -25,6 +26,7 @@ from analysis.tasks import (
 )
 from models import GPT, GPTConfig
 from models.head_gate import head_gates, head_output_means, head_shape
+from tests.png_checks import assert_png_of
 from tests.surgery_helpers import run_tool
 
 ALL_VARIANTS = [
@@ -237,3 +239,15 @@ def test_entry_point_writes_circuits_overlap_and_heatmap(surgery_checkpoint: Pat
     assert result["overlap"][0]["tasks"] == ["agreement", "brackets"]
     assert len((out / "circuits.csv").read_text().splitlines()) == 1 + 2 * 16
     assert (out / "circuits.png").stat().st_size > 0
+    # the plot: per task a (layer x head) heatmap of the removal impact, the circuit's heads outlined in red
+    circuits = [SimpleNamespace(task=c["task"], impact=c["impact"], heads=[tuple(h) for h in c["heads"]],
+                                recovered=c["recovered"]) for c in result["circuits"]]
+    fig = plot_circuits(circuits)
+    maps = [ax for ax in fig.axes if ax.images and ax.get_title()]  # (the others are the colour bars)
+    assert len(maps) == 2 and len(fig.axes) == 4
+    for ax, c in zip(maps, circuits, strict=True):
+        np.testing.assert_array_equal(ax.images[0].get_array(), np.array(c.impact))
+        assert ax.get_title().startswith(f"{c.task}: |H|={len(c.heads)}, recovered ")
+        boxes = [p.get_xy() for p in ax.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]
+        assert sorted(boxes) == sorted((head - 0.5, layer - 0.5) for layer, head in c.heads)
+    assert_png_of(out / "circuits.png", fig, dpi=120)  # the file is this figure

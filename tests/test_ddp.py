@@ -2,14 +2,19 @@
 
 Lightning's DDP launcher re-executes the Hydra app for rank 1 with `hydra.run.dir` set to rank 0's
 directory: both ranks must work in one run directory, and only rank 0 writes the spectra, DONE
-and the W&B run. FSDP needs GPUs (Lightning refuses it on CPU): its config is composed and its
-strategy built here, and the callback's gather is checked with FSDP's own entry point recorded.
+and the W&B run. Lightning's Trainer refuses FSDP on CPU, but FSDP itself runs there (gloo, the CPU
+device named): the config's strategy wraps the real LightningModule in 2 forked processes, and the
+callback's gather is checked against the unsharded model.
 """
 
 import contextlib
+import dataclasses
+import json
 import os
+import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +24,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from analysis import SpectralAnalyzer
+from analysis.spectral import SpectralAnalyzer
 from callbacks import spectral as spectral_module
 from callbacks.spectral import SpectralHealthCallback
-from models import GPT, GPTConfig
+from models import GPT, GPTConfig, QKFactors
 from tests.conftest import CONF, ROOT, wandb_files
-from trainer.sweep import is_global_zero, model_from_checkpoint
+from trainer.distributed import is_global_zero
+from trainer.run_results import model_from_checkpoint
 from trainer.wandb_records import run_id
 
 DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
@@ -131,33 +137,147 @@ def test_fsdp_config_composes_and_builds_a_sharding_strategy(tmp_path: Path) -> 
     assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Block}
 
 
-def test_under_fsdp_every_rank_gathers_and_rank_zero_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fsdp_batch(rank: int, vocab: int) -> torch.Tensor:
+    """Rank `rank`'s training batch (2 x 17 tokens: inputs and targets shifted by one)."""
+    return torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(100 + rank))
+
+
+def sgd_step(module: torch.nn.Module, params: list[torch.nn.Parameter], batches: list[torch.Tensor]) -> None:
+    """One SGD step on the mean next-token loss of `batches` (the mean over ranks FSDP's gradient reduction takes)."""
+    opt = torch.optim.SGD(params, lr=5.0)
+    losses = [torch.nn.functional.cross_entropy(module(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()) for b in batches]
+    (sum(losses) / len(losses)).backward()
+    opt.step()
+
+
+def detached(factors: list[list[QKFactors]]) -> list[list[QKFactors]]:
+    """A copy of a QK probe that holds no parameter (nor its autograd history)."""
+    return [[dataclasses.replace(f, left=f.left.detach().clone(), right=f.right.detach().clone()) for f in layer]
+            for layer in factors]
+
+
+def fsdp_worker(rank: int, port: int, out: Path) -> None:
+    """One of 2 gloo ranks: the LitGPT of the real trainer=fsdp config, wrapped by real FSDP as Lightning's
+    FSDPStrategy._setup_model wraps it (its kwargs, sharding and offload), trained one step, then one
+    spectral check of the callback. Rank r writes what it saw to out/rank{r}.pt."""
+    import copy
+
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    calls, inside = [], []
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose("train", overrides=["trainer=fsdp", f"paths.run_dir={out}"])
+        strategy = instantiate(cfg.trainer.strategy)
+        assert isinstance(strategy, FSDPStrategy)
+        torch.manual_seed(0)  # the same initial weights on both ranks, as Lightning seeds them
+        module = instantiate(cfg.module)
+        vocab = module.model_config.vocab_size
+        initial = detached(module.qk_factors())
+        reference = copy.deepcopy(module)  # unsharded, trained on both ranks' batches in this one process
+        sgd_step(reference, list(reference.parameters()), [fsdp_batch(r, vocab) for r in range(2)])
 
-    @contextlib.contextmanager
-    def summon(module: object, **kwargs: object):
-        calls.append((module, kwargs))
-        inside.append(True)
-        yield
-        inside.pop()
+        # Lightning's _setup_model passes device_id=root_device.index, None on CPU, which FSDP refuses
+        # ("FSDP needs a non-CPU accelerator device"): the CPU device is named here, all else is the strategy's.
+        strategy.model = FullyShardedDataParallel(
+            module, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
+            sharding_strategy=strategy.sharding_strategy, device_id=torch.device("cpu"), **strategy.kwargs)
+        sgd_step(strategy.model, list(strategy.model.parameters()), [fsdp_batch(rank, vocab)])
+        full_numel = sum(p.numel() for p in reference.parameters())
+        local_numel = sum(p.numel() for p in module.parameters())
 
-    monkeypatch.setattr(FullyShardedDataParallel, "summon_full_params", staticmethod(summon))
-    strategy = FSDPStrategy()
-    wrapped = torch.nn.Linear(2, 2)
-    strategy.model = wrapped  # stands for the FSDP-wrapped LightningModule
-    strategy.broadcast = lambda obj, src=0: obj
-    probe = tiny_model()
-    factors, read_inside = probe.qk_factors, []
-    probe.qk_factors = lambda: read_inside.append(bool(inside)) or factors()
-    for rank_zero in (True, False):
-        cb = callback(tmp_path, tmp_path / "nulls")
-        cb._check(stub_trainer(rank_zero, strategy), probe, spectral=True)
-    assert [(m, k) for m, k in calls] == [(wrapped, {"writeback": False, "rank0_only": True})] * 2
-    assert read_inside == [True]  # rank 0 read the probe inside the gather; rank 1 only took part
+        real_summon = FullyShardedDataParallel.summon_full_params
+        calls, inside, reads = [], [], []
+
+        @contextlib.contextmanager
+        def spy(target: torch.nn.Module, **kwargs: object):  # records the call, gathers for real
+            calls.append({"is_strategy_model": target is strategy.model, **kwargs})
+            with real_summon(target, **kwargs):
+                inside.append(sum(p.numel() for p in module.parameters()))
+                yield
+                inside.pop()
+
+        FullyShardedDataParallel.summon_full_params = staticmethod(spy)
+        probe = module.qk_factors
+
+        def read() -> list:
+            factors = probe()
+            reads.append({"inside": list(inside), "factors": detached(factors)})
+            return factors
+
+        module.qk_factors = read
+        cb = callback(out / f"rank{rank}", out / "nulls", actions={"ERROR": ["log"]})
+        cb._check(stub_trainer(rank == 0, strategy), module, spectral=True)
+        torch.save({"calls": calls, "reads": reads, "full_numel": full_numel, "local_numel": local_numel,
+                    "numel_after": sum(p.numel() for p in module.parameters()),
+                    "reference": detached(reference.qk_factors()), "initial": initial}, out / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One spectral check of the callback under real FSDP (FULL_SHARD) on 2 CPU processes (gloo)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    # forked, the ranks start with this process's imports (spawned, each re-imports Lightning: ~10 s on 2 cores)
+    torch.multiprocessing.start_processes(fsdp_worker, args=(free_port(), out), nprocs=2, start_method="fork")
+    return out
+
+
+def test_under_fsdp_every_rank_gathers_and_rank_zero_reads(fsdp_check: Path, tmp_path: Path) -> None:
+    seen = [torch.load(fsdp_check / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    full = seen[0]["full_numel"]
+    # the weights really are sharded: each rank holds part, together all of them, and again after the gather
+    assert [s["local_numel"] for s in seen] == [s["numel_after"] for s in seen]
+    assert all(0 < s["local_numel"] < full for s in seen) and sum(s["local_numel"] for s in seen) == full
+    # every rank entered FSDP's gather once, on the wrapped LightningModule, read-only, full weights on rank 0 only
+    expected = {"is_strategy_model": True, "writeback": False, "rank0_only": True}
+    assert [s["calls"] for s in seen] == [[expected]] * 2
+    # rank 0 read the probe inside the gather, holding every weight; rank 1 only took part
+    (read,) = seen[0]["reads"]
+    assert read["inside"] == [full]
+    assert seen[1]["reads"] == []
+    # what rank 0 read is the unsharded model's probe after the same training step (not the initial weights)
+    got, want, initial = read["factors"], seen[0]["reference"], seen[0]["initial"]
+    assert [[f.kind for f in layer] for layer in got] == [[f.kind for f in layer] for layer in want]
+    moved = 0.0
+    for layer_got, layer_want, layer_init in zip(got, want, initial, strict=True):
+        for g, w, i in zip(layer_got, layer_want, layer_init, strict=True):
+            assert g.left.shape == w.left.shape == (4, 128, 32)
+            torch.testing.assert_close(g.left, w.left, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(g.right, w.right, rtol=1e-4, atol=1e-6)
+            moved = max(moved, float((w.left - i.left).abs().max()), float((w.right - i.right).abs().max()))
+    assert moved > 1e-3  # the training step changed the weights the gather must return
+    torch.testing.assert_close(seen[1]["reference"][0][0].left, want[0][0].left)  # both ranks' reference agree
+
+    # rank 0 wrote the check's spectra, those of the unsharded trained model; rank 1 wrote nothing
+    assert not (fsdp_check / "rank1").exists()
+    logged = np.load(fsdp_check / "rank0" / "spectra" / "step0000000.npz")
+    analyzer = SpectralAnalyzer(null="mp", fa_level=0.01, mc_draws=10, cache_dir=str(tmp_path / "nulls"))
+    here = analyzer.analyze(want).heads["content"]
+    assert logged["content/eigs"].shape == tuple(here.eigs.shape) == (4, 4, 32)
+    np.testing.assert_allclose(logged["content/eigs"], here.eigs.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(logged["content/lambda_max"], here.lambda_max.numpy(), rtol=1e-4)
     assert spectral_module.full_parameters(stub_trainer(True)).__class__ is contextlib.nullcontext
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: SpectralHealthCallback._check runs the logit check outside "
+                   "full_parameters(), so under FSDP rank 0 reads its weight shards (IndexError in input_factor)")
+def test_under_fsdp_the_logit_check_reads_whole_weights(fsdp_check: Path) -> None:
+    alerts = (fsdp_check / "rank0" / "alerts.jsonl")
+    records = [json.loads(line) for line in alerts.read_text().splitlines()] if alerts.exists() else []
+    assert [r["text"] for r in records if r["rule"] == "analysis_error"] == []
+    assert (fsdp_check / "rank0" / "logits.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -7,21 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.laser import (
+from analysis.surgery.laser import (
     Intervention,
-    SearchConfig,
-    Split,
     apply_interventions,
     available_taus,
-    greedy_compose,
     intervened,
     low_rank,
     matrices,
     mp_keep_rank,
-    run_search,
     target_rank,
 )
+from analysis.surgery.laser_search import SearchConfig, Split, greedy_compose, plot_grid, run_search
 from models import GPT, GPTConfig
+from tests.png_checks import assert_png_of
 from tests.surgery_helpers import check_edited_checkpoint, run_tool
 from trainer.checkpoints import load_lit_gpt
 
@@ -133,6 +131,17 @@ def test_entry_point_writes_grid_plot_and_loadable_checkpoint(surgery_checkpoint
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"kind", "tau", "layer", "rho", "val_loss", "test_loss", "test_acc"} <= set(header)
     assert (out / "laser.png").stat().st_size > 0
+    # the plot: a panel per tau, in it a line per layer through (rho, held-out loss), the base model dashed
+    fig = plot_grid(result["rows"], title=f"LASER: {surgery_checkpoint.name}")
+    assert [ax.get_title() for ax in fig.axes] == ["τ = mlp_in", "τ = o"]
+    for ax, tau in zip(fig.axes, ("mlp_in", "o"), strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"layer 2", "layer 3", "base"} and ax.get_xscale() == "log"
+        for layer in (2, 3):
+            pts = sorted((r["rho"], r["test_loss"]) for r in grid if r["tau"] == tau and r["layer"] == layer)
+            assert [tuple(map(float, xy)) for xy in zip(*lines[f"layer {layer}"].get_data(), strict=True)] == pts
+        assert list(lines["base"].get_ydata()) == [base["test_loss"]] * 2
+    assert_png_of(out / "laser.png", fig, dpi=120)  # the file is this figure, 960 x 360 px
 
     module = check_edited_checkpoint(out / "laser.ckpt", surgery_checkpoint)
     ckpt = torch.load(out / "laser.ckpt", map_location="cpu", weights_only=True)

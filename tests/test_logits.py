@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from analysis.logits import clip_factors, head_stats, logit_stats, term_bound
+from analysis.spectral.logits import clip_factors, head_stats, logit_stats, term_bound
 from models import GPT, AttentionConfig, GPTConfig
 from models.config import ConfigError
 

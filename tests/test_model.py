@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from models import GPT, GPTConfig
-from models.cache import KVCache
 from models.config import ConfigError
+from models.gpt import KVCache
 
 
 def tiny(attention: dict | None = None, **kw: object) -> GPT:

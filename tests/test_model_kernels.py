@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.norm import RMSNorm
-from models.rope import RotaryEmbedding
+from models.gpt import RMSNorm, RotaryEmbedding
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 16), (3, 4, 7, 8)])

@@ -1,15 +1,32 @@
-"""The seed-000 study (conf/experiment/rmt_mla.yaml, analysis/rmt_study.py, scripts/rmt_figures.py):
+"""The seed-000 study (conf/experiment/rmt_mla.yaml, analysis/study/rmt_study.py, scripts/rmt_figures.py):
 its numbers on hand-made histories, and its figures on a real tiny sweep of the real entry point."""
 
+import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from analysis.rmt_study import KindSeries, RunData, alert_counts, first_crossing, stats, summarize
+from analysis.study.rmt_study import (
+    VARIANT_LABELS,
+    KindSeries,
+    RunData,
+    alert_counts,
+    alerts_figure,
+    eff_rank_figure,
+    first_crossing,
+    seed_mean_heatmaps,
+    stats,
+    summarize,
+    val_loss_figure,
+)
 from scripts import rmt_figures
 from tests.conftest import run_train
+from tests.png_checks import assert_png_of
+from trainer.run_results import sweep_jobs
 
 
 def series(spikes: list[list[int]], eff_rank: list[list[float]]) -> KindSeries:
@@ -51,7 +68,7 @@ def test_figures_of_a_real_tiny_sweep(tmp_path: Path, corpus_cache: Path) -> Non
     proc = run_train("experiment=rmt_mla", "attention=mha,mla", "seed=1", "trainer=debug", "trainer.max_steps=4",
                      "trainer.val_check_interval=2", "data.batch_size=4", "data.val_batches=2",
                      "module.sample_tokens=0", "spectral.every_n_steps=2", "spectral.mc_draws=200",
-                     f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}", timeout=240)
+                     f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "rmt_mla"
     out = tmp_path / "figures"
@@ -72,6 +89,46 @@ def test_figures_of_a_real_tiny_sweep(tmp_path: Path, corpus_cache: Path) -> Non
     for name in summary["figures"]:
         assert (out / name).stat().st_size > 1000
     assert {"alerts.png", "val_loss.png", "eff_rank_content.png", "mha_content_spikes.png"} <= set(summary["figures"])
+
+    # each PNG is a real image and, pixel for pixel, the figure of the sweep's data drawn again from its job directories
+    runs = [rmt_figures.load_run(job) for job in sweep_jobs(sweep)]
+    kinds = {"content", "rope"}
+    figures = {name: fig for kind in sorted(kinds) for name, fig in seed_mean_heatmaps(runs, kind).items()}
+    figures |= {f"eff_rank_{kind}": eff_rank_figure(runs, kind) for kind in sorted(kinds)}
+    figures |= {"alerts": alerts_figure(runs), "val_loss": val_loss_figure(runs)}
+    assert sorted(f"{name}.png" for name in figures) == summary["figures"]
+    # ... and what they plot is what the jobs wrote: spectra/step*.npz, alerts.jsonl, csv/metrics.csv
+    rules = sorted({json.loads(line)["rule"] for job in sweep_jobs(sweep) if (job / "alerts.jsonl").exists()
+                    for line in (job / "alerts.jsonl").read_text().splitlines()}) or ["(none)"]
+    alerts_ax = figures["alerts"].axes[0]
+    assert [t.get_text() for t in alerts_ax.get_xticklabels()] == rules
+    for job in sweep_jobs(sweep):
+        variant = OmegaConf.load(job / ".hydra" / "config.yaml").model.attention.name
+        label = VARIANT_LABELS[variant]
+        checks = [{k: v.astype(np.float64) for k, v in np.load(f).items()}
+                  for f in sorted((job / "spectra").glob("step*.npz"))]
+        assert [int(c["step"]) for c in checks] == [0, 2, 4]
+        ratio = np.stack([np.nanmax(c["content/lambda_max"] / c["content/edge"], axis=1) for c in checks])  # (S, L)
+        spikes = np.stack([np.nansum(c["content/num_spikes"], axis=1) for c in checks])
+        eff_rank = np.stack([np.nanmean(c["content/eff_rank"], axis=1) for c in checks])
+        for metric, values in (("lambda_max_over_edge", ratio), ("spikes", spikes)):
+            heatmap = figures[f"{variant}_content_{metric}"].axes[0].images[0]
+            np.testing.assert_allclose(heatmap.get_array(), values.T, rtol=1e-9)  # (layer, step)
+        for layer, ax in enumerate(figures["eff_rank_content"].axes[:4]):
+            (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith(f"{label} (r=")]
+            np.testing.assert_array_equal(line.get_xdata(), [0, 2, 4])
+            np.testing.assert_allclose(line.get_ydata(), eff_rank[:, layer], rtol=1e-9)
+        with open(job / "csv" / "metrics.csv", newline="") as f:
+            val = [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(f) if r.get("val/loss")]
+        assert len(val) == 2  # trainer.val_check_interval=2 of 4 steps
+        (line,) = [ln for ln in figures["val_loss"].axes[0].get_lines() if ln.get_label() == f"{label} (1 seeds)"]
+        np.testing.assert_allclose(np.column_stack(line.get_data()), val, rtol=1e-6)
+        alerts = job / "alerts.jsonl"
+        counts = Counter(json.loads(x)["rule"] for x in alerts.read_text().splitlines()) if alerts.exists() else {}
+        (bars,) = [c for c in alerts_ax.containers if c.get_label() == label]
+        assert [b.get_height() for b in bars] == [counts.get(rule, 0) for rule in rules]
+    for name, fig in figures.items():
+        assert_png_of(out / f"{name}.png", fig, dpi=90)
 
 
 @pytest.mark.parametrize("argv", [["/nonexistent/sweep"]])

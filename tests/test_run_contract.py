@@ -34,7 +34,7 @@ from tests.reliability_runs import (
 )
 from trainer.checkpoint_io import CorruptCheckpointError, load_verified, verify_checkpoint
 from trainer.lit_gpt import lr_factor
-from trainer.sweep import metric_rows
+from trainer.run_results import metric_rows
 
 
 def tiny(steps: int) -> list[str]:
@@ -109,7 +109,7 @@ def test_a_done_run_with_a_bad_last_checkpoint_is_reported_never_executed(damage
 
 def test_post_training_tools_refuse_a_crafted_checkpoint(reference: Path, tmp_path: Path) -> None:
     from trainer.checkpoints import load_lit_gpt, save_edited
-    from trainer.sweep import build_report, model_from_checkpoint
+    from trainer.run_results import build_report, model_from_checkpoint
 
     run = copy_of(reference, tmp_path)
     marker = tmp_path / "pwned"

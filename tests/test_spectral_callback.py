@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.logits import LogitStats
+from analysis.spectral.logits import LogitStats
 from callbacks.spectral import SpectralHealthCallback
 from models import GPT, GPTConfig
 from tests.conftest import CONF, run_train, wandb_files

@@ -14,11 +14,11 @@ from tests.surgery_helpers import run_tool
 @pytest.mark.slow
 def test_learned_mask_beats_magnitude_on_a_trained_model(tmp_path: Path, corpus_cache: Path) -> None:
     proc = run_train("trainer.max_steps=300", "logger=csv", "spectral=off", f"paths.root={tmp_path}",
-                     f"paths.cache_dir={corpus_cache}", timeout=1200)
+                     f"paths.cache_dir={corpus_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = next(tmp_path.glob("default/*/checkpoints/last.ckpt"))
     out = tmp_path / "prune"
-    proc = run_tool("trainer.prune", f"ckpt='{ckpt}'", f"out={out}", "study=true", timeout=1200)
+    proc = run_tool("trainer.prune", f"ckpt='{ckpt}'", f"out={out}", "study=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {(r["method"], r["sparsity"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
     for s in (0.3, 0.5, 0.7):

@@ -6,6 +6,7 @@ others finish, and is retried by the rerun (trainer/sweep.py, conf/sweep/, conf/
 """
 
 import hashlib
+import html.parser
 import json
 import os
 import shutil
@@ -16,20 +17,49 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from analysis.study import compare
 from scripts import compare_runs
 from tests.conftest import CONF, ROOT, wandb_files
+from tests.png_checks import assert_png_of
 from trainer.corpus import kjv_path
 from trainer.sweep import single_run_argv, summarize
 from trainer.wandb_records import history, read_records, run_id
 
 SMALL = ("trainer=debug", "data.batch_size=8", "data.block_size=64", "data.val_batches=1", "module.sample_tokens=0")
 FAST = (*SMALL, "spectral=off")
+
+
+class ReportPage(html.parser.HTMLParser):
+    """The title, table rows (cell texts) and image sources of the sweep report's index.html."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.title, self.rows, self.images, self._tag = "", [], [], None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._tag = tag
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.rows[-1].append("")
+        elif tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_endtag(self, tag: str) -> None:
+        self._tag = None
+
+    def handle_data(self, data: str) -> None:
+        if self._tag == "title":
+            self.title += data
+        elif self.rows and self.rows[-1] and self._tag in ("td", "th", "code"):
+            self.rows[-1][-1] += data
 
 
 class Throttle(L.Callback):
@@ -79,7 +109,8 @@ def run_record(wandb_file: Path):
     return run
 
 
-def test_killed_sweep_resumes_skips_done_and_starts_missing(tmp_path: Path, corpus_cache: Path) -> None:
+def test_killed_sweep_resumes_skips_done_and_starts_missing(tmp_path: Path, corpus_cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     args = ("+sweep=attention_variants", "attention=mha,gqa,kv_shift", *SMALL, "trainer.max_steps=12",
             "trainer.val_check_interval=6", "callbacks.last_checkpoint.every_n_train_steps=2",
             "callbacks.throughput.window_size=2", "spectral.every_n_steps=6", "spectral.mc_draws=200",
@@ -142,6 +173,16 @@ def test_killed_sweep_resumes_skips_done_and_starts_missing(tmp_path: Path, corp
     assert all(isinstance(j["objective"], float) and 0 < j["objective"] < 10 for j in summary["jobs"])
 
     # the comparison report over the variants
+    drawn = []  # the figures the report draws, in order (each still drawn by compare's own function)
+
+    def recorded(draw):
+        def recording(*args, **kwargs):
+            drawn.append(draw(*args, **kwargs))
+            return drawn[-1]
+        return recording
+
+    for name in ("loss_figure", "bar_figure", "spikes_figure"):
+        monkeypatch.setattr(compare, name, recorded(getattr(compare, name)))
     assert compare_runs.main([str(sweep_dir), "--out", str(tmp_path / "report")]) == 0
     result = json.loads((tmp_path / "report" / "compare.json").read_text())
     runs = {r["label"]: r for r in result["runs"]}
@@ -159,6 +200,38 @@ def test_killed_sweep_resumes_skips_done_and_starts_missing(tmp_path: Path, corp
     assert set(result["files"]) == {"index.html", "val_loss.png", "tokens_per_sec.png", "kv_cache_bytes.png",
                                     "spectral_spikes.png"}
     assert all((tmp_path / "report" / f).stat().st_size > 0 for f in result["files"])
+    report, labels = tmp_path / "report", [r["label"] for r in result["runs"]]
+    # the figures plot compare.json's numbers; each PNG is its figure (at the report's 110 dpi), a real image
+    loss, throughput, kv_bytes, spikes = drawn
+    lines = {line.get_label(): line.get_data() for line in loss.axes[0].get_lines()}
+    assert lines.keys() == set(labels)
+    for r in result["runs"]:
+        assert [list(map(float, xs)) for xs in lines[r["label"]]] == [r["val_loss"]["steps"], r["val_loss"]["values"]]
+    for fig, values in ((throughput, [r["tokens_per_sec"] for r in result["runs"]]),
+                        (kv_bytes, [r["kv_cache_bytes"]["marginal"] for r in result["runs"]])):
+        (ax,) = fig.axes
+        assert [bar.get_height() for bar in ax.patches] == values
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+    assert [ax.get_title() for ax in spikes.axes] == labels
+    for ax, r in zip(spikes.axes, result["runs"], strict=True):
+        counts = np.array(r["spikes_per_layer"]["counts"])
+        assert [line.get_label() for line in ax.get_lines()] == ["L0", "L1", "L2", "L3"]
+        for layer, line in enumerate(ax.get_lines()):
+            assert list(line.get_xdata()) == [0, 6, 12] and list(line.get_ydata()) == list(counts[:, layer])
+    for name, fig in zip(("val_loss.png", "tokens_per_sec.png", "kv_cache_bytes.png", "spectral_spikes.png"), drawn,
+                         strict=True):
+        assert_png_of(report / name, fig, dpi=110)
+    # index.html: a row per run with its numbers, and every figure
+    page = ReportPage()
+    page.feed((report / "index.html").read_text())
+    assert page.title == "sweep attention_variants: 3 runs"
+    assert page.rows[0][:3] == ["variant", "status", "final val/loss"]
+    assert page.rows[1:] == [[r["label"], r["status"], f"{r['val_loss']['values'][-1]:.4g}",
+                              f"{r['tokens_per_sec']:.0f}", f"{r['kv_cache_bytes']['marginal']:.0f}",
+                              f"{r['kv_cache_bytes']['per_token']:.1f}",
+                              str(int(np.array(r["spikes_per_layer"]["counts"])[-1].sum())), r["dir"]]
+                             for r in result["runs"]]
+    assert page.images == ["val_loss.png", "tokens_per_sec.png", "kv_cache_bytes.png", "spectral_spikes.png"]
 
 
 def test_failed_job_is_recorded_the_others_finish_and_rerun_retries_it(tmp_path: Path, corpus_cache: Path) -> None:

@@ -95,7 +95,7 @@ VARIANTS = {"mha": {"content"}, "gqa": {"content"}, "mla": {"content", "rope"}, 
 def test_every_variant_trains_through_the_entry_point_with_spectral_checks(tmp_path: Path, corpus_cache: Path) -> None:
     proc = run_train("-m", f"attention={','.join(VARIANTS)}", "trainer=debug", "trainer.max_steps=4", "logger=csv",
                      "data.val_batches=2", "spectral.every_n_steps=2", f"paths.root={tmp_path}",
-                     f"paths.cache_dir={corpus_cache}", timeout=900)
+                     f"paths.cache_dir={corpus_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, kinds in VARIANTS.items():
         (run_dir,) = (tmp_path / "default").glob(f"attention={name},*")
@@ -132,3 +132,35 @@ def test_adamw_decays_matrices_only_and_follows_the_schedule() -> None:
                                                                                  optim.min_lr_ratio))
         opt.step()
         sched.step()
+
+
+def test_train_runs_a_composed_config_in_process(tmp_path: Path, corpus_cache: Path) -> None:
+    """`train(cfg, hydra_cfg)` without the command line, as lightning-hydra-template's tests call theirs:
+    compose, set the Hydra config @hydra.main would set, train; a bad value is a RunRefusedError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from tests.conftest import CONF
+    from trainer.train import RunRefusedError, train
+
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=["trainer=debug", "logger=csv", "spectral=off", f"paths.run_dir={run_dir}",
+                                          f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    best = train(task, cfg.hydra)
+    assert best is not None and 0 < best < 8
+    assert (run_dir / "DONE").read_text().startswith("finished at step 6")
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 6
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.max_steps == 6
+    assert train(task, cfg.hydra) == best  # DONE: nothing to do, the same objective
+
+    with open_dict(task):
+        task.trainer.max_steps = 0
+        task.paths.run_dir = str(tmp_path / "refused")
+    with pytest.raises(RunRefusedError, match=r"trainer\.max_steps=0"):
+        train(task, cfg.hydra)
+    assert not (tmp_path / "refused").exists()  # refused before any work

@@ -1,7 +1,7 @@
 """K-MSHC on a checkpoint: `python -m trainer.circuits ckpt=PATH tasks=[agreement,brackets]`.
 
-Compose the config, load the checkpoint and its tokenizer, build the tasks (analysis/tasks.py),
-search each task's circuit (analysis/circuits.py), write the circuits, overlaps and heatmap.
+Compose the config, load the checkpoint and its tokenizer, build the tasks (analysis/surgery/tasks.py),
+search each task's circuit (analysis/surgery/circuits.py), write the circuits, overlaps and heatmap.
 """
 
 import itertools
@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from analysis.circuits import overlap, plot_circuits, search_circuit
-from analysis.tasks import build_task
+from analysis.surgery.circuits import overlap, plot_circuits, search_circuit
+from analysis.surgery.tasks import build_task
 from trainer.checkpoints import load_lit_gpt, run_datamodule, write_csv, write_json
 
 log = logging.getLogger(__name__)

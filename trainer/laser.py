@@ -1,7 +1,7 @@
 """LASER on a checkpoint: `python -m trainer.laser ckpt=PATH [out=DIR] [search.taus=[...]]`.
 
 Compose the config, load the checkpoint and its held-out blocks, run the search
-(analysis/laser.py), write the table, the plot and the best candidate's checkpoint.
+(analysis/surgery/laser.py), write the table, the plot and the best candidate's checkpoint.
 """
 
 import logging
@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from analysis.laser import apply_interventions, plot_grid, run_search
+from analysis.surgery.laser import apply_interventions
+from analysis.surgery.laser_search import plot_grid, run_search
 from trainer.checkpoints import heldout_blocks, load_lit_gpt, save_edited, write_csv, write_json
 
 log = logging.getLogger(__name__)

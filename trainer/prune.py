@@ -1,7 +1,7 @@
 """Attention-matrix pruning of a checkpoint: `python -m trainer.prune ckpt=PATH sparsity=0.5 method=learned`.
 
 Compose the config, load the checkpoint, its calibration and held-out blocks, prune
-(analysis/attention_pruning.py), write the table, the plot and the pruned checkpoint.
+(analysis/surgery/pruning.py), write the table, the plot and the pruned checkpoint.
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from analysis.attention_pruning import plot_study, prune_study
+from analysis.surgery.pruning import plot_study, prune_study
 from trainer.checkpoints import heldout_blocks, load_lit_gpt, save_edited, write_csv, write_json
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.files import atomic_write
-from analysis.history import ALERTS_FILE, CHECK_GLOB, LOGITS_FILE, SPECTRA_DIR, check_step
+from analysis.spectral.history import ALERTS_FILE, CHECK_GLOB, LOGITS_FILE, SPECTRA_DIR, check_step
 from trainer.checkpoint_io import CorruptCheckpointError, previous_path, temporary_files, verify_checkpoint
 
 log = logging.getLogger(__name__)

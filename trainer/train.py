@@ -31,8 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from models.config import ConfigError
 from trainer.checkpoint_io import CorruptCheckpointError, verify_checkpoint
 from trainer.config import validate
+from trainer.distributed import is_global_zero
 from trainer.run_dir import RunDirectory, RunDirectoryError
-from trainer.sweep import is_global_zero, objective
+from trainer.run_results import objective
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,62 @@ EXIT_REFUSED, EXIT_STOPPED, EXIT_DISK = 2, 3, 4
 DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
+class RunEndedError(Exception):
+    """A single run ended before or instead of training to its plan; `exit_code` is its exit status."""
+
+    exit_code = 1
+
+
+class RunRefusedError(RunEndedError):
+    """Refused before any work: a bad value, a run directory in use, a command that does not fit the plan."""
+
+    exit_code = EXIT_REFUSED
+
+
+class RunStoppedError(RunEndedError):
+    """Stopped early, not DONE: divergence or an alert's `stop` action."""
+
+    exit_code = EXIT_STOPPED
+
+
+class DiskFailureError(RunEndedError):
+    """The disk of the run directory filled up or became read-only mid-run."""
+
+    exit_code = EXIT_DISK
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Train; return the best val/loss (the objective a sweeper such as Optuna minimises)."""
-    run = RunDirectory(cfg.paths.run_dir)
+    """The command line: train, print why a run ended early as one `error:` line, exit with its status.
+    In a multirun a refused or failed job raises instead (Hydra records it and goes on)."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return train(cfg, HydraConfig.get(), multirun=multirun)
+    except RunEndedError as e:
+        if multirun and isinstance(e, RunStoppedError):
+            log.error("%s", e)
+            return None
+        if multirun:
+            raise e.__cause__ or e from None
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def train(cfg: DictConfig, hydra_cfg: DictConfig, multirun: bool = False) -> float | None:
+    """Check `cfg`, take its run directory, build every object from its `_target_`, fit, mark the run DONE;
+    return the best val/loss (the objective a sweeper minimises), or None on ranks > 0.
+
+    hydra_cfg: the `hydra` node the run was composed with (recorded in .hydra/). Raises RunRefusedError,
+    RunStoppedError or DiskFailureError (the module docstring's statuses 2, 3, 4). Tests call this in-process.
+    """
+    run = RunDirectory(cfg.paths.run_dir)
+    try:
+        return _train(cfg, hydra_cfg, run, multirun)
+    finally:
+        run.unlock()
+
+
+def _train(cfg: DictConfig, hydra_cfg: DictConfig, run: RunDirectory, multirun: bool) -> float | None:
     try:
         validate(cfg)
         if is_global_zero():
@@ -68,15 +120,13 @@ def main(cfg: DictConfig) -> float | None:
         if is_global_zero():
             datamodule.prepare_data()  # a bad or too-short corpus fails here, naming the file, before any logger
     except REFUSED as e:
-        if multirun:
-            raise  # fails this job only: Hydra's launcher records it and goes on (SystemExit would end the sweep)
-        run.discard_if_unused()
+        if not multirun:
+            run.discard_if_unused()
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
-        print(f"error: {cause}", file=sys.stderr)  # a component's own check names its key
-        sys.exit(EXIT_REFUSED)
+        raise RunRefusedError(str(cause)) from e  # a component's own check names its key
 
     if is_global_zero():
-        run.record_config(cfg, HydraConfig.get())
+        run.record_config(cfg, hydra_cfg)
         run.record_plan(max_steps, run.resume_step)
         if planned is not None and max_steps != planned:
             run.unmark_done()
@@ -96,23 +146,17 @@ def main(cfg: DictConfig) -> float | None:
             # the full state (optimizer too); every rank takes part (FSDP gathers), rank 0 writes
             trainer.save_checkpoint(run.last_checkpoint, weights_only=False)
     except (OSError, RuntimeError) as e:
-        if multirun or not _disk_failure(e):
+        if not _disk_failure(e):
             raise
-        print(f"error: {_disk_message(run.path, e)}", file=sys.stderr)
-        sys.exit(EXIT_DISK)
+        raise DiskFailureError(_disk_message(run.path, e)) from e
     if trainer.global_step >= max_steps:
         if not trainer.is_global_zero:
             return None
         run.mark_done(trainer.global_step)
         return objective(run.path)
     reason = next((c.stop_reason for c in callbacks if getattr(c, "stop_reason", None)), "training stopped early")
-    message = (f"stopped at step {trainer.global_step} of {max_steps}: {reason}. The run is not DONE; "
-               "rerunning the command resumes it from its last checkpoint")
-    if multirun:
-        log.error(message)
-        return None
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_STOPPED)
+    raise RunStoppedError(f"stopped at step {trainer.global_step} of {max_steps}: {reason}. The run is not DONE; "
+                     "rerunning the command resumes it from its last checkpoint")
 
 
 def _saved_at(trainer: L.Trainer, path: Path) -> bool:

@@ -1,7 +1,7 @@
 """Comparing the runs of a sweep: metric series, decode-cache cost, spectral health, one HTML page.
 
 Pure pieces (torch, numpy, matplotlib; no Lightning, Hydra or W&B): the rows they take are
-metric dicts however they were logged (CSV or W&B), read by trainer/sweep.py.
+metric dicts however they were logged (CSV or W&B), read by trainer/run_results.py.
 """
 
 import html
@@ -12,8 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from models.cache import KVCache
-from models.gpt import GPT
+from models.gpt import GPT, KVCache
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """One entry point for the spectral health callback: `SpectralAnalyzer.analyze(model.qk_factors())`.
 
 Per check, for every kind ("content", and "rope" for MLA) and every head of every layer in one
-batched call: the normalised ESD of A_h B_hᵀ (analysis/esd.py), the null decision
-(analysis/nulls.py), the metrics (analysis/metrics.py), the factor spectra with their MP test,
+batched call: the normalised ESD of A_h B_hᵀ (analysis/spectral/esd.py), the null decision
+(analysis/spectral/nulls.py), the metrics (analysis/spectral/metrics.py), the factor spectra with their MP test,
 and the spectrum of the per-layer sum Σ_h A_h B_hᵀ. Pure torch/numpy; results on CPU.
 """
 
@@ -12,21 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis import metrics
-from analysis.calibration import Calibration, NullCalibrator
-from analysis.esd import HeadESD, factor_lambda_max, head_esd
-from analysis.nulls import (
-    NULL_NAMES,
-    NullResult,
-    factor_test,
-    mp_null,
-    product_null,
-    shuffle_null,
-)
-from analysis.rmt import mp_density, product_density
-from analysis.rotation import rotation_null
-from analysis.spectra import lapack_threads, layer_sum_spectrum
+from analysis.spectral import metrics
+from analysis.spectral.calibration import Calibration, NullCalibrator
+from analysis.spectral.esd import HeadESD, factor_lambda_max, head_esd
+from analysis.spectral.nulls import NULL_NAMES, NULLS, NullInputs, NullResult, factor_test
+from analysis.spectral.spectra import lapack_threads, layer_sum_spectrum
 from models.probe import QKFactors
+
+HEAD_METRICS = ("lambda_max", "edge", "sigma2", "num_spikes", "tw_z", "stable_rank", "eff_rank",
+                "mp_softrank", "ks", "alpha", "overlap", "pvalue", "spectral_norm")  # the (L, H) fields a check logs
 
 
 @dataclass
@@ -49,11 +43,11 @@ class HeadSpectra:
         threshold: (L, H) λ_max threshold at fa_level (a spike iff lambda_max > threshold,
             equivalently pvalue < fa_level).
         sigma2: (L, H) product/shuffle: σ̂_A² σ̂_B²; mp: σ² of the MP law fitted to s²/d².
-        pvalue: (L, H) p-value of λ_max under the null (TW₁ tail model; see analysis/nulls.py).
+        pvalue: (L, H) p-value of λ_max under the null (TW₁ tail model; see analysis/spectral/nulls.py).
         num_spikes: (L, H) #{λ_i > threshold}.
         tw_z: (L, H) TW-standardised λ_max, (λ_max − center)/scale with the null's finite-size TW
             center and scale, so pvalue = 1 − F_TW₁(tw_z).
-        stable_rank, eff_rank, mp_softrank, ks, alpha: (L, H), see analysis/metrics.py.
+        stable_rank, eff_rank, mp_softrank, ks, alpha: (L, H), see analysis/spectral/metrics.py.
         overlap: (L, H) |⟨u_prev, u⟩|·|⟨v_prev, v⟩| with the previous report; NaN on the first.
         top_u, top_v: (L, H, d) top left/right singular vectors of A_h B_hᵀ (unit, sign arbitrary).
         finite: (L, H) the factors were finite.
@@ -124,20 +118,20 @@ class SpectralAnalyzer:
             product, to show its false alarms), "shuffle" (product null refitted to element
             shuffles of the actual factors), or "rotation" (the factors' own spectra, random
             relative orientation: the one that stays at level for MLA's composed factors).
-            See analysis/nulls.py and analysis/rotation.py.
+            See analysis/spectral/nulls.py and analysis/spectral/nulls.py.
         fa_level: per-head false-alarm level α of `threshold`/`num_spikes` (multiple testing over
-            heads is left to analysis.multitest on `pvalue`).
+            heads is left to analysis.spectral.multitest on `pvalue`).
         mc_draws: Monte-Carlo draws R per shape (d, r) for the product null. Default 2000: draws
             cost O(r³) each (Bartlett sampling), and R = 300 left the realised false-alarm rate of
             the fitted threshold at ±0.25% around 1%; 2000 brings that to about ±0.1%.
         seed: seed of the calibration draws and of the shuffles.
         cache_dir: directory of the `.npz` calibration cache (default ~/.cache/qkscope/nulls).
         dtype: precision of the factor conversion and of the stored vectors; decompositions run
-            in float64 (analysis/spectra.py).
+            in float64 (analysis/spectral/spectra.py).
         calibration: "tw" (p-values from the TW₁ tail model of the draws) or "empirical" (exact
             Monte-Carlo test, p ≥ 1/(R + 1)).
         shuffle_replicas: permutations per head for the "shuffle" null.
-        rotation_draws: Haar draws per head for the "rotation" null (analysis/rotation.py).
+        rotation_draws: Haar draws per head for the "rotation" null (analysis/spectral/nulls.py).
         layer_sum: compute the per-layer Σ_h A_h B_hᵀ spectrum; layer_sum_method: see
             `spectra.layer_sum_spectrum`.
         min_tail: minimum tail size of the power-law fit (alpha is NaN for r < min_tail).
@@ -238,18 +232,15 @@ class SpectralAnalyzer:
         self._calibration_seconds += time.perf_counter() - t0
         return cal
 
-    def null_density(self, kind: str, d: int, r: int, grid: torch.Tensor) -> torch.Tensor:
+    def null_density(self, kind: str, d: int, r: int, grid: torch.Tensor) -> torch.Tensor | None:
         """Null density of the normalised ESD on `grid` (float64, grid's shape), for plot overlays.
 
         kind: a null name (NULL_NAMES) or a QK kind ("content", "rope"), which uses this
-        analyzer's null. "mp": MP(γ = r/d, σ² = 1); the others: the asymptotic MP_γ ⊠ MP_γ
-        density (mean 1), which the finite-size Gaussian ESD follows closely (for "rotation" the
-        null ESD is per head; this is its value for Gaussian factors).
+        analyzer's null. None for a null whose law is per head ("rotation": it depends on each
+        head's factor spectra, so no one curve is its density).
         """
-        name = kind if kind in NULL_NAMES else self.null
-        if name == "mp":
-            return mp_density(grid, r / d)
-        return product_density(grid, r / d)  # also the overlay for "rotation" at initialisation
+        density = NULLS[kind if kind in NULL_NAMES else self.null].density
+        return None if density is None else density(grid, r / d)
 
     def null_lambda_max(self, d: int, r: int) -> torch.Tensor:
         """(R,) sorted Monte-Carlo draws of the normalised λ_max under the product null (for plots)."""
@@ -260,23 +251,9 @@ class SpectralAnalyzer:
     def _null(
         self, esd: HeadESD, lefts: list[torch.Tensor], rights: list[torch.Tensor], cal: Calibration | None
     ) -> NullResult:
-        if self.null == "mp":
-            return mp_null(esd, self.fa_level)
-        if self.null == "product":
-            return product_null(esd, self.fa_level, cal, self.calibration)
-        if self.null == "rotation":
-            return rotation_null(esd, self.fa_level, self.rotation_draws, self.seed, self.calibration)
-        return shuffle_null(
-            esd,
-            self.fa_level,
-            cal,
-            torch.cat(lefts),
-            torch.cat(rights),
-            self.shuffle_replicas,
-            self.seed,
-            self.dtype,
-            groups=len(lefts),
-        )
+        inputs = NullInputs(self.fa_level, self.calibration, cal, lefts, rights, self.seed, self.dtype,
+                            self.shuffle_replicas, self.rotation_draws)
+        return NULLS[self.null].test(esd, inputs)
 
     def _analyze_kind(
         self, kind: str, lefts: list[torch.Tensor], rights: list[torch.Tensor], prev: HeadSpectra | None
@@ -287,7 +264,7 @@ class SpectralAnalyzer:
         eigs = esd.eigs.cpu()
         esd.eigs = eigs
         esd.sigma2_left, esd.sigma2_right = esd.sigma2_left.cpu(), esd.sigma2_right.cpu()
-        cal = self.calibrate(d, r) if self.null != "mp" else None
+        cal = self.calibrate(d, r) if NULLS[self.null].monte_carlo else None
         res = self._null(esd, lefts, rights, cal)
 
         lam_max = metrics.lambda_max(eigs)

@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from analysis.tracy_widom import johnstone_center_scale, tw1_quantile
+from analysis.spectral.tracy_widom import johnstone_center_scale, tw1_quantile
 
 _GRID = 2049  # points of the tabulated CDFs
 
@@ -217,7 +217,7 @@ def robust_mp_sigma2(eigs: torch.Tensor, n: int, m: int, iters: int = 8) -> torc
        (`mp_tw_threshold`), because the MP mean is σ² and, under the null, essentially no bulk
        eigenvalue lies above t, so trimming removes spikes without biasing the bulk.
     Never the Frobenius mean, which a spike inflates. NaN rows give NaN; all-zero rows give 0.
-    The null calibration (analysis/nulls.py) applies this same estimator to its draws, so its
+    The null calibration (analysis/spectral/nulls.py) applies this same estimator to its draws, so its
     small finite-size bias is part of the calibrated statistic.
     """
     gamma = min(m, n) / max(m, n)

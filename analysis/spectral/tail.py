@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.tracy_widom import tw1_moments, tw1_quantile
+from analysis.spectral.tracy_widom import tw1_moments, tw1_quantile
 
 TAIL_POWER = -0.5
 

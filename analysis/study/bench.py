@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from analysis.health import SpectralAnalyzer
+from analysis.spectral.health import SpectralAnalyzer
 from models import GPT, GPTConfig
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -65,7 +65,7 @@ def bench_preset(preset: str, null: str = "product", repeats: int = 5, weightwat
     """Time one preset with a fresh (empty) calibration cache, then cached."""
     model = build_model(preset)
     layers = model.qk_factors()
-    from analysis import calibration
+    from analysis.spectral import calibration
 
     calibration._MEMORY.clear()
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.history import ALERTS_FILE, LOGITS_FILE
+from analysis.spectral.history import ALERTS_FILE, LOGITS_FILE
 
 
 @dataclass

@@ -8,10 +8,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from analysis.files import atomic_write
+from analysis.spectral.health import HEAD_METRICS
+
+if TYPE_CHECKING:
+    from analysis.spectral.health import SpectralReport
 
 SPECTRA_DIR = "spectra"  # names inside a run directory (trainer/run_dir.py lays the rest out)
 LOGITS_FILE = "logits.jsonl"
@@ -35,6 +40,21 @@ def write_check(spectra_dir: str | Path, step: int, arrays: Mapping[str, np.ndar
     with atomic_write(path, "wb") as f:
         np.savez_compressed(f, step=np.array(step), **arrays)
     return path
+
+
+def write_report(spectra_dir: str | Path, step: int, report: "SpectralReport") -> Path:
+    """One spectral check's report as a check file: every kind's eigenvalues and per-head metrics
+    (HEAD_METRICS, threshold, finite), the factor spectra and the layer sums."""
+    arrays = {}
+    if report.layer_sum.numel():
+        arrays["layer_sum"] = report.layer_sum.numpy()
+    for kind, hs in report.heads.items():
+        arrays[f"{kind}/eigs"] = hs.eigs.numpy()
+        for name in (*HEAD_METRICS, "threshold", "finite"):
+            arrays[f"{kind}/{name}"] = getattr(hs, name).numpy()
+    for name, sv in report.factors.items():
+        arrays[f"factor/{name}"] = sv.numpy()
+    return write_check(spectra_dir, step, arrays)
 
 
 def append_logit_check(path: str | Path, step: int, grids: Mapping[str, list[list[float]]]) -> None:

@@ -11,7 +11,7 @@ Attention is counted over the full T × T score matrix, not the causal half, whi
 `torch.utils.flop_counter` (hence Lightning's `measure_flops`) counts for
 `scaled_dot_product_attention`; the two counts therefore agree and can be compared. One
 difference is by design: the MLA training path zero-pads values from d_v to d_nope + d_rope so
-SDPA's fused kernels apply (models/attention/mla.py `padded_attention`); the counter sees those
+SDPA's fused kernels apply (models/mla.py `padded_attention`); the counter sees those
 multiplications by zero, the model-FLOP count here does not (MFU counts useful work).
 """
 

@@ -1,8 +1,23 @@
-"""Multi-head Latent Attention with KV shifting: our combination of DeepSeek-V2 MLA and KV shifting.
+"""KV-shifting attention (Xu et al., "KV Shifting Attention Enhances Language Modeling", arXiv 2411.19574).
 
-No paper defines it. We apply the KV-shifting rule per head, before RoPE, to each head's
+Each key/value head mixes the current token's key and value with the previous token's:
+
+    K̂ = α1 K + α2 Shift(K),    V̂ = β1 V + β2 Shift(V)
+
+where Shift moves the sequence one step later (row i of Shift(K) is k_{i-1}, row 0 is zero).
+The shift is applied before RoPE, as in the paper's code (Appendix F), so k̂_i is rotated as
+position i. α1, α2, β1, β2 are unconstrained learned scalars per key/value head (4 G extra
+parameters; the paper found sigmoid gating or clamping no better), initialised α1, β1 ~ U(0, 1),
+α2 = 1 − α1, β2 = 1 − β1. Queries are untouched, so MHA and GQA both work (per KV head).
+
+One layer with the shift can express an induction head (the key of token i carries token
+i−1's identity); plain attention needs two layers for that. Decoding keeps the previous
+token's unshifted key and value as fixed-size cache state.
+
+MLA-KV-shift, Multi-head Latent Attention with KV shifting, is our combination of DeepSeek-V2 MLA
+and KV shifting; no paper defines it. We apply the KV-shifting rule per head, before RoPE, to each head's
 reconstructed key (content part and rotary part) and value, with learned α1_h, α2_h, β1_h, β2_h
-per head (init as in kv_shift.py), and write c_j for token j's normalised latent c_KV, k^R_j
+per head (initialised as above), and write c_j for token j's normalised latent c_KV, k^R_j
 for its pre-RoPE shared rotary key, R_j for RoPE at position j (c_{-1} = k^R_{-1} = 0):
 
     k̂^C_{j,h} = α1_h W_UK_h c_j + α2_h W_UK_h c_{j-1}  =  W_UK_h (α1_h c_j + α2_h c_{j-1})
@@ -35,16 +50,84 @@ every head, whereas the paper's heads learn different mixes; this form costs no 
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from models.attention.common import causal_mask
-from models.attention.kv_shift import add_shift_weights, shift, shift_meta, shift_weights
-from models.attention.mla import MultiHeadLatentAttention, padded_attention
-from models.cache import LayerCache
-from models.config import GPTConfig
+from models.config import AttentionName, GPTConfig
+from models.gpt import GroupedQueryAttention, LayerCache, causal_mask, register_attention
+from models.mla import MultiHeadLatentAttention, padded_attention, up_weights
 from models.probe import QKFactors
 
 
+def shift(x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Move x (..., T, d) one step later along T; row 0 becomes `prev` (..., 1, d), or zeros."""
+    first = torch.zeros_like(x[..., :1, :]) if prev is None else prev
+    return torch.cat([first, x[..., :-1, :]], dim=-2)
+
+
+def add_shift_weights(module: nn.Module, n: int) -> None:
+    """Register the shift weights of n heads on `module`: alpha1, alpha2 (current and previous key) and
+    beta1, beta2 (current and previous value), each (n,); alpha1, beta1 ~ U(0, 1), alpha2 = 1 - alpha1,
+    beta2 = 1 - beta1 at init."""
+    alpha1, beta1 = torch.rand(n), torch.rand(n)
+    module.alpha1 = nn.Parameter(alpha1)  # weight of the current key, per head
+    module.alpha2 = nn.Parameter(1 - alpha1)  # weight of the previous key
+    module.beta1 = nn.Parameter(beta1)  # weight of the current value
+    module.beta2 = nn.Parameter(1 - beta1)  # weight of the previous value
+
+
+def shift_weights(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """α1, α2, β1, β2 of `module` shaped (n, 1, 1), to scale (B, n, T, d) tensors."""
+    return tuple(p.to(dtype)[:, None, None] for p in (module.alpha1, module.alpha2, module.beta1, module.beta2))
+
+
+@register_attention(AttentionName.kv_shift)
+class KVShiftAttention(GroupedQueryAttention):
+    """KV shifting on MHA/GQA: one set of shift weights per key/value head (module docstring)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        add_shift_weights(self, self.n_kv_head)  # one set per key/value head
+
+    def shift_kv(
+        self, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, G, T, dh) -> K̂, V̂; with a cache, continue from its last unshifted k, v."""
+        k_prev = cache.get("k_last") if cache is not None else None
+        v_prev = cache.get("v_last") if cache is not None else None
+        if cache is not None:
+            cache.put("k_last", k[:, :, -1:].clone())  # (B, G, 1, dh); a copy, not a view of all T
+            cache.put("v_last", v[:, :, -1:].clone())
+        a1, a2, b1, b2 = shift_weights(self, k.dtype)
+        k_hat = a1 * k + a2 * shift(k, k_prev)  # (B, G, T, dh)
+        v_hat = b1 * v + b2 * shift(v, v_prev)
+        return k_hat, v_hat
+
+    def key_mix(self) -> torch.Tensor:
+        """(H,) |α1| + |α2| of each query head's key head: k̂_j mixes k_j and k_{j-1}."""
+        mix = self.alpha1.detach().abs() + self.alpha2.detach().abs()  # (G,)
+        return mix.repeat_interleave(self.n_head // self.n_kv_head)
+
+    def qk_factors(self) -> list[QKFactors]:
+        """The base attention's factors; the shift weights go into meta (per head and means)."""
+        (f,) = super().qk_factors()
+        f.meta.update(shift_meta(self.alpha1, self.alpha2, self.beta1, self.beta2))
+        return [f]
+
+
+def shift_meta(*params: torch.Tensor) -> dict[str, float]:
+    """alpha1, alpha2, beta1, beta2 (per head) -> loggable scalars "alpha1_h0", ..., "alpha1_mean"."""
+    meta = {}
+    for name, p in zip(("alpha1", "alpha2", "beta1", "beta2"), params, strict=True):
+        values = p.detach().float().cpu()
+        meta[f"{name}_mean"] = values.mean().item()
+        meta.update({f"{name}_h{i}": v for i, v in enumerate(values.tolist())})
+    return meta
+
+
+@register_attention(AttentionName.mla_kv_shift)
 class MLAKVShiftAttention(MultiHeadLatentAttention):
+    """MLA with KV shifting per head on the reconstructed keys and values (module docstring)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         add_shift_weights(self, self.n_head)  # one set per head
@@ -108,7 +191,7 @@ class MLAKVShiftAttention(MultiHeadLatentAttention):
         B, H, T, _ = q_nope.shape
         S = c_kv.shape[1]
         a1, a2, b1, b2 = shift_weights(self, q_nope.dtype)
-        w_uk, w_uv = self.up_weights()  # (H, dn, dc), (H, dv, dc)
+        w_uk, w_uv = up_weights(self)  # (H, dn, dc), (H, dv, dc)
         c = c_kv.to(q_nope.dtype)
         q_lat = (q_nope @ w_uk).view(B, H * T, -1)  # (B, H*T, dc): heads folded, latents read once
         s = (q_lat @ c.transpose(1, 2)).view(B, H, T, S)  # s[..., j] = q̃ . c_j

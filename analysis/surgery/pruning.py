@@ -1,15 +1,8 @@
-"""Attention-matrix mask pruning (Liang, Long, Shi, Song & Zhou, ICLR 2025; docs/methods.md §9).
+"""Attention-matrix mask pruning (Liang, Long, Shi, Song & Zhou, ICLR 2025; docs/methods.md §9) of a model.
 
-The paper prunes so as to preserve the non-linear attention map rather than the linear output
-X W. For one head with calibration inputs X (n, d) (the attention's input, after its pre-norm)
-and W = W_Q W_Kᵀ/√d_h, the map is A(W) = row-softmax(X W Xᵀ + causal mask), and a relaxed mask
-M is learned by gradient descent on
-
-    L(M) = ½ ‖A(M ⊙ W) − A(W)‖²_F + (λ/2) ‖M‖²_F,
-
-then binarised to the target sparsity. `merged_mask_loss`/`merged_mask_grad` implement this
-form literally (the closed-form gradient is G_M = (Xᵀ G_S X) ⊙ W + λM, with G_S the softmax
-backward of G_A = A(M ⊙ W) − A(W), below).
+Masks are learned on the objective of analysis/surgery/attention_map.py (or scored by magnitude
+|W_ij| and Wanda |W_ij|·‖X_j‖₂, Sun et al. 2024, ‖X_j‖₂ the norm of input feature j over every
+calibration token) and multiplied into the model's weights.
 
 Mask placement (our choice): the model keeps its factorisation. The masks sit on the factors,
 M_Q on W_Q^h (d_h × d, the rows of q_proj for head h) and M_K on W_K^g (the rows of k_proj for
@@ -19,24 +12,12 @@ factors of rank d_h), whereas masked factors leave a normal model with sparse q_
 k_proj weights that every tool, the trainer and `generate()` load unchanged. For GQA the key
 mask of group g is shared by its H/G query heads, so its loss sums over them.
 
-Positions: scores use the module's own RoPE, S = s·R(Q) R(K)ᵀ with R_t the rotation at
-position t (the pruned model is judged by the map it actually computes); R_t is orthogonal, so
-its backward is the rotation by −θ_t. KV-shifting attention is covered too: its key input is
+Positions: scores use the module's own RoPE tables, read from its QK probe (the pruned model is
+judged by the map it actually computes). KV-shifting attention is covered too: its key input is
 α1 x_t + α2 x_{t−1} per key head (the shift precedes RoPE and is linear), and that shifted
 input is what W_K^g multiplies. MLA variants are refused: their query/key paths run through
 latent RMSNorms whose per-token 1/RMS scale makes the map depend on the whole latent, so a mask
 on q_b_proj/kv_b_proj's W_UK rows would need its own derivation (not done here).
-
-Closed-form gradient of the factored loss (per sequence, batched over heads; ⊙ elementwise):
-
-    Q = X (M_Q ⊙ W_Q)ᵀ,  K = X_K (M_K ⊙ W_K)ᵀ,  S = s·R(Q) R(K)ᵀ (+ causal −∞),  A = softmax(S)
-    G_A = A − A_ref,     G_S = A ⊙ (G_A − rowsum(G_A ⊙ A))
-    G_Q = Rᵀ(s·G_S R(K)),  G_K = Σ_{h ∈ g} Rᵀ(s·G_Sᵀ R(Q))
-    ∂L/∂M_Q = (G_Qᵀ X) ⊙ W_Q + λ M_Q,   ∂L/∂M_K = (G_Kᵀ X_K) ⊙ W_K + λ M_K
-
-L is summed over heads and averaged over calibration sequences. Baselines at the same
-sparsity: magnitude |W_ij| and Wanda |W_ij|·‖X_j‖₂ (Sun et al. 2024; ‖X_j‖₂ the norm of input
-feature j over every calibration token).
 
 Learning and binarisation (the paper's text does not fix them; our choices, `LearnConfig`):
 M starts at 1, where the fidelity term's gradient vanishes; the penalty shrinks every entry and
@@ -46,10 +27,9 @@ by M, and the top (1 − sparsity) are kept. Options: `rounds` > 1 reaches the s
 relearning M on the survivors; `refit` keeps the values of M fitted on the final support with
 λ = 0 (weights M ⊙ W rather than W; still a plain sparse model). Adam on the closed-form
 gradient is the default optimiser; plain gradient descent (`optimizer=gd`) is the paper's, but
-at η = 0.05 its steps are tiny (the fit term's gradient is O(1e-3) or less): on the 800-step
-default run M stays at 0.9999 after 200 steps and the ranking is exactly magnitude pruning's.
-Defaults (λ = 1e-5, 200 Adam steps at 0.05, one round, no refit) were set on an earlier
-600-step KJV tiny model; the numbers on the default run come from `scripts/surgery_study.py kjv`.
+at η = 0.05 its steps are tiny (the fit term's gradient is O(1e-3) or less), so M barely moves
+from 1 and the ranking becomes magnitude pruning's. `scripts/surgery_study.py kjv` measures the
+methods on the default run.
 """
 
 import copy
@@ -61,134 +41,51 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.laser import block_metrics
-from models.attention.common import causal_mask
-from models.attention.gqa import GroupedQueryAttention
-from models.attention.kv_shift import KVShiftAttention, shift
+from analysis.surgery.attention_map import HeadInputs, attention_map, mask_grad
+from analysis.surgery.scoring import block_metrics
+from models.kv_shift import shift
+from models.probe import QKFactors
 
 Method = Literal["learned", "magnitude", "wanda"]
 Group = Literal["matrix", "row"]
 METHODS = ("learned", "magnitude", "wanda")
 
 
-# ------------------------------------------------------------------ maps, loss, gradient
-
-
-def _rope(
-    x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, inverse: bool = False
-) -> torch.Tensor:
-    """Rotate-half RoPE R_t x_t of x (..., T, r) with tables (T, r); inverse applies R_tᵀ (angle −θ_t)."""
-    if cos is None or sin is None:
-        return x
-    x1, x2 = x.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)  # (..., T, r)
-    return x * cos - rot * sin if inverse else x * cos + rot * sin
-
-
-def causal_softmax(S: torch.Tensor) -> torch.Tensor:
-    """Row-softmax of scores S (..., T, T) with entries j > i masked out."""
-    T = S.shape[-1]
-    return torch.softmax(S.masked_fill(~causal_mask(T, T, S.device), float("-inf")), dim=-1)
-
-
-@dataclass
-class HeadInputs:
-    """What one attention layer's QK map depends on, besides its weights.
-
-    xq: (B, T, d) query-side inputs; xk: (G, B, T, d) key-side inputs per key head (equal to xq
-    except under KV shifting); cos, sin: (T, r) RoPE tables or None; scale: softmax scale.
-    """
-
-    xq: torch.Tensor
-    xk: torch.Tensor
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
-    scale: float
-
-
-def attention_map(inp: HeadInputs, wq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
-    """A (B, H, T, T) = causal softmax(s·R(X W_Q^hᵀ) R(X_K W_K^gᵀ)ᵀ), wq (H, r, d), wk (G, r, d)."""
-    H, G = wq.shape[0], wk.shape[0]
-    q = _rope(torch.einsum("btd,hrd->bhtr", inp.xq, wq), inp.cos, inp.sin)  # (B, H, T, r)
-    k = _rope(torch.einsum("gbtd,grd->bgtr", inp.xk, wk), inp.cos, inp.sin)  # (B, G, T, r)
-    k = k.repeat_interleave(H // G, dim=1)  # (B, H, T, r)
-    return causal_softmax(inp.scale * q @ k.transpose(-1, -2))  # (B, H, T, T)
-
-
-def mask_loss(inp: HeadInputs, wq: torch.Tensor, wk: torch.Tensor, mq: torch.Tensor, mk: torch.Tensor,
-              a_ref: torch.Tensor, lam: float) -> torch.Tensor:
-    """L(M_Q, M_K) = (1/B) Σ_b Σ_h ½‖A(M ⊙ W) − A_ref‖²_F + (λ/2)(‖M_Q‖² + ‖M_K‖²), by autograd-able ops."""
-    A = attention_map(inp, mq * wq, mk * wk)  # (B, H, T, T)
-    fit = 0.5 * ((A - a_ref) ** 2).sum() / A.shape[0]
-    return fit + 0.5 * lam * ((mq**2).sum() + (mk**2).sum())
-
-
-def mask_grad(inp: HeadInputs, wq: torch.Tensor, wk: torch.Tensor, mq: torch.Tensor, mk: torch.Tensor,
-              a_ref: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The module docstring's closed form: -> L, ∂L/∂M_Q (H, r, d), ∂L/∂M_K (G, r, d)."""
-    H, G = wq.shape[0], wk.shape[0]
-    B = inp.xq.shape[0]
-    q = _rope(torch.einsum("btd,hrd->bhtr", inp.xq, mq * wq), inp.cos, inp.sin)  # (B, H, T, r)
-    k = _rope(torch.einsum("gbtd,grd->bgtr", inp.xk, mk * wk), inp.cos, inp.sin)  # (B, G, T, r)
-    kh = k.repeat_interleave(H // G, dim=1)  # (B, H, T, r)
-    A = causal_softmax(inp.scale * q @ kh.transpose(-1, -2))  # (B, H, T, T)
-    GA = (A - a_ref) / B  # (B, H, T, T)
-    loss = 0.5 * ((A - a_ref) ** 2).sum() / B + 0.5 * lam * ((mq**2).sum() + (mk**2).sum())
-    GS = A * (GA - (GA * A).sum(-1, keepdim=True))  # (B, H, T, T)
-    gq = _rope(inp.scale * GS @ kh, inp.cos, inp.sin, inverse=True)  # (B, H, T, r)
-    gkh = _rope(inp.scale * GS.transpose(-1, -2) @ q, inp.cos, inp.sin, inverse=True)  # (B, H, T, r)
-    gk = gkh.unflatten(1, (G, H // G)).sum(2)  # (B, G, T, r)
-    grad_q = torch.einsum("bhtr,btd->hrd", gq, inp.xq) * wq + lam * mq  # (H, r, d)
-    grad_k = torch.einsum("bgtr,gbtd->grd", gk, inp.xk) * wk + lam * mk  # (G, r, d)
-    return loss, grad_q, grad_k
-
-
-def merged_mask_loss(X: torch.Tensor, W: torch.Tensor, M: torch.Tensor, lam: float) -> torch.Tensor:
-    """The paper's form for one head: ½‖A(M ⊙ W) − A(W)‖²_F + (λ/2)‖M‖²_F, A(W) = softmax(X W Xᵀ), X (n, d)."""
-    A = causal_softmax(X @ (M * W) @ X.T)  # (n, n)
-    A0 = causal_softmax(X @ W @ X.T)
-    return 0.5 * ((A - A0) ** 2).sum() + 0.5 * lam * (M**2).sum()
-
-
-def merged_mask_grad(X: torch.Tensor, W: torch.Tensor, M: torch.Tensor, lam: float) -> torch.Tensor:
-    """Closed form ∂L/∂M = (Xᵀ G_S X) ⊙ W + λM, G_S = A ⊙ (G_A − rowsum(G_A ⊙ A)), G_A = A(M ⊙ W) − A(W)."""
-    A = causal_softmax(X @ (M * W) @ X.T)  # (n, n)
-    GA = A - causal_softmax(X @ W @ X.T)  # (n, n)
-    GS = A * (GA - (GA * A).sum(-1, keepdim=True))  # (n, n)
-    return (X.T @ GS @ X) * W + lam * M  # (d, d)
-
-
-# --------------------------------------------------------------------------- the model side
-
-
-def _check_supported(attn: nn.Module) -> None:
-    if not isinstance(attn, GroupedQueryAttention):
+def _content_factors(attn: nn.Module) -> QKFactors:
+    """The module's one content QK form, if its factors are the rows of q_proj and k_proj: the QK probe
+    of MHA, GQA and KV shifting says so by a single "content" form with `n_kv_head` in its meta."""
+    factors = attn.qk_factors()
+    if [f.kind for f in factors] != ["content"] or "n_kv_head" not in factors[0].meta:
         raise NotImplementedError(
             f"attention-matrix pruning supports mha, gqa and kv_shift (q_proj/k_proj factors); got "
             f"{type(attn).__name__}. MLA's queries/keys pass through latent RMSNorms, so masking "
-            f"q_b_proj/kv_b_proj needs its own derivation (see analysis/attention_pruning.py)"
+            f"q_b_proj/kv_b_proj needs its own derivation (see analysis/surgery/pruning.py)"
         )
+    return factors[0]
 
 
 def head_inputs(attn: nn.Module, x: torch.Tensor) -> HeadInputs:
-    """The QK inputs of an MHA/GQA/KV-shift module given its input x (B, T, d) (after the pre-norm)."""
-    _check_supported(attn)
+    """The QK inputs of an MHA/GQA/KV-shift module given its input x (B, T, d) (after the pre-norm), from
+    its QK probe: the KV-shift weights α1, α2 of each key head (probe meta), the RoPE tables and the
+    softmax scale (its logit term)."""
+    factors = _content_factors(attn)
     B, T, d = x.shape
-    G = attn.n_kv_head
+    G = int(factors.meta["n_kv_head"])
     xk = x.unsqueeze(0).expand(G, B, T, d)  # (G, B, T, d)
-    if isinstance(attn, KVShiftAttention):
-        a1 = attn.alpha1.detach().to(x.dtype)[:, None, None, None]  # (G, 1, 1, 1)
-        a2 = attn.alpha2.detach().to(x.dtype)[:, None, None, None]
+    if "alpha1_mean" in factors.meta:  # KV shifting: the key reads α1 x_t + α2 x_{t-1}
+        a1, a2 = (torch.tensor([factors.meta[f"{a}_h{g}"] for g in range(G)], dtype=x.dtype)[:, None, None, None]
+                  for a in ("alpha1", "alpha2"))  # (G, 1, 1, 1)
         xk = a1 * x + a2 * shift(x)  # (G, B, T, d)
-    cos, sin = attn.rotary.cos[:T].to(x.dtype), attn.rotary.sin[:T].to(x.dtype)  # (T, r)
-    return HeadInputs(xq=x, xk=xk, cos=cos, sin=sin, scale=attn.head_dim**-0.5)
+    (term,) = attn.logit_terms(torch.ones(d, device=x.device))
+    cos, sin = term.rotary_cos[:T].to(x.dtype), term.rotary_sin[:T].to(x.dtype)  # (T, r)
+    return HeadInputs(xq=x, xk=xk, cos=cos, sin=sin, scale=term.scale)
 
 
 def qk_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Views W_Q (H, r, d), W_K (G, r, d) of q_proj/k_proj (rows of head h are h·r .. h·r + r − 1)."""
-    _check_supported(attn)
-    d, r = attn.q_proj.in_features, attn.head_dim
-    return attn.q_proj.weight.view(attn.n_head, r, d), attn.k_proj.weight.view(attn.n_kv_head, r, d)
+    f = _content_factors(attn)
+    H, d, r = f.left.shape
+    return attn.q_proj.weight.view(H, r, d), attn.k_proj.weight.view(int(f.meta["n_kv_head"]), r, d)
 
 
 @torch.no_grad()

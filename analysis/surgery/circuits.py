@@ -1,6 +1,6 @@
 """K-MSHC: minimal sufficient head circuits (Chowdhary, Chin & Chakrabarty 2025; docs/methods.md §9).
 
-Notation. M is the set of all heads (l, h); S(X) is the task score (analysis/tasks.py: mean
+Notation. M is the set of all heads (l, h); S(X) is the task score (analysis/surgery/tasks.py: mean
 logit difference or accuracy on minimal pairs) with exactly the heads in X active and every
 other head ablated at its output before W_O (models/head_gate.py: mean or zero ablation).
 
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.tasks import EncodedPairs, task_score
+from analysis.surgery.tasks import EncodedPairs, task_score
 from models.head_gate import head_gates, head_output_means, head_shape
 
 Head = tuple[int, int]

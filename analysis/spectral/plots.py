@@ -101,7 +101,7 @@ def loss_with_alerts(curves: dict[str, tuple[np.ndarray, np.ndarray]], alerts: S
 
 def alert_bench_figure(records: dict, labels: dict) -> Figure:
     """The alerts benchmark: max logit (top) and train loss (bottom) over steps, one line per run,
-    coloured by label; x marks each run's first WARN, o its failure step (analysis/alert_bench.py)."""
+    coloured by label; x marks each run's first WARN, o its failure step (analysis/study/alert_bench.py)."""
     colours = {"healthy": "tab:green", "damaged": "tab:orange", "diverged": "tab:red"}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for name, r in records.items():

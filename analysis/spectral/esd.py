@@ -1,7 +1,7 @@
 """The per-head statistic shared by the analysis and the null calibration: the normalised ESD.
 
 One code path turns factors into normalised eigenvalues, so that the Monte-Carlo null
-(analysis/nulls.py) calibrates exactly the statistic that the analysis computes, estimator
+(analysis/spectral/nulls.py) calibrates exactly the statistic that the analysis computes, estimator
 noise included.
 """
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.rmt import robust_mp_sigma2
-from analysis.spectra import Factors, ProductSpectra, normalised_eigs, product_spectra
+from analysis.spectral.rmt import robust_mp_sigma2
+from analysis.spectral.spectra import Factors, ProductSpectra, normalised_eigs, product_spectra
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Seed 000 at small scale: per-run spectral numbers of a sweep, aggregated over seeds per variant.
 
 Pure pieces (numpy, matplotlib; no Lightning, Hydra or W&B). A run is given as its spectral
-history (analysis/history.py), the alerts it raised (alerts.jsonl records) and its validation
+history (analysis/spectral/history.py), the alerts it raised (alerts.jsonl records) and its validation
 loss series; scripts/rmt_figures.py reads those from a sweep directory.
 
 Definitions used in the numbers (per layer, one spectral kind, e.g. "content"):
@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis.history import SpectralHistory
-from analysis.plots import step_layer_heatmap
+from analysis.spectral.history import SpectralHistory
+from analysis.spectral.plots import step_layer_heatmap
 
 VARIANT_ORDER = ("mha", "mla_prerope", "mla")  # the order of seed 000's comparison; others follow by name
 VARIANT_LABELS = {"mha": "MHA", "mla_prerope": "MLA-PreRoPE", "mla": "MLA (decoupled RoPE)"}

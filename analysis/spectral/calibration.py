@@ -1,6 +1,6 @@
 """Monte-Carlo calibration of the product null, cached per shape in memory and on disk.
 
-[I] Under Gaussian factors the statistic (analysis/esd.py) is pivotal: scaling A or B rescales
+[I] Under Gaussian factors the statistic (analysis/spectral/esd.py) is pivotal: scaling A or B rescales
 σ̂_A² or σ̂_B² by the same factor, so its law depends on (d, r) only, and simulating
 unit-variance factors through the *same* code (analysis/spectra.core_spectra and the same
 σ̂ estimator) calibrates it exactly, estimator noise included. Only the Grams AᵀA, BᵀB enter,
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.esd import esd_from_spectra, factor_lambda_max
 from analysis.files import atomic_write
-from analysis.spectra import ProductSpectra, core_spectra
-from analysis.tail import TailFit
+from analysis.spectral.esd import esd_from_spectra, factor_lambda_max
+from analysis.spectral.spectra import ProductSpectra, core_spectra
+from analysis.spectral.tail import TailFit
 
 CACHE_VERSION = 1  # bump when the statistic or the sampler changes: old cache files are ignored
 DEFAULT_CACHE_DIR = "~/.cache/qkscope/nulls"
