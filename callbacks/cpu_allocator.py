@@ -4,10 +4,8 @@ A training step allocates and frees the same activations every step. glibc's mal
 freed top of its heap to the kernel (trim), so the next step takes those pages back one minor
 page fault at a time, each zero-filled by the kernel. `mallopt(M_TOP_PAD)` makes every heap
 extension and trim keep `top_pad_mb` of slack, so after the first steps the activations reuse
-resident pages. Measured on the README's main command for 100 steps (2 cores, two runs each):
-3.87M / 3.62M minor faults without, 0.31M / 0.30M with; system time 10.7 / 9.8 s -> 2.9 / 2.9 s;
-median throughput window 10,142 / 10,464 -> 11,585 / 11,265 tokens/s. Other allocators (macOS,
-musl) are left as they are.
+resident pages (the README's Performance section has the measured minor faults and throughput).
+Other allocators (macOS, musl) are left as they are.
 """
 
 import ctypes

@@ -324,3 +324,30 @@ def test_rotation_null_false_alarm_gaussian(d, r, tmp_path):
     rate = _spike_rate(A, B, "rotation", tmp_path)
     print(f"\nrotation null d={d} r={r}: false alarms {rate:.2%} over {n} Gaussian heads")
     assert rate <= _limit(n)
+
+
+def test_registry_entries_decide_every_head_and_the_config_picks_the_exact_one(tmp_path):
+    """Every NULLS entry decides every head with finite, well-formed results on Gaussian factors, a
+    planted spike gets the smallest p-value under each, and `${qk.null_for:...}` picks "rotation" exactly
+    for the variants whose factors are composed through a latent (the MLA family)."""
+    from analysis.spectral.nulls import NULL_NAMES, NULLS
+    from trainer.config import null_for_attention
+
+    assert NULL_NAMES == ("mp", "product", "shuffle", "rotation") and set(NULLS) == set(NULL_NAMES)
+    left, right = _gaussian_heads(6, 64, 16, seed=5)
+    u = torch.randn(64, generator=torch.Generator().manual_seed(6))
+    left[2, :, 0] += 0.5 * u / u.norm()  # one query-key direction shared by both factors of head 2
+    right[2, :, 0] += 0.5 * u / u.norm()
+    for name, null in NULLS.items():
+        an = SpectralAnalyzer(null=name, cache_dir=str(tmp_path), mc_draws=300, shuffle_replicas=2,
+                              rotation_draws=50)
+        h = an.analyze([[QKFactors(left, right)]], layer_sum=False).heads["content"]
+        assert h.null == name and h.pvalue.shape == (1, 6)
+        assert torch.isfinite(h.pvalue).all() and ((h.pvalue >= 0) & (h.pvalue <= 1)).all()
+        assert torch.isfinite(h.edge).all() and torch.isfinite(h.threshold).all()
+        assert int(h.pvalue[0].argmin()) == 2, name
+        assert (null.density is None) == (name == "rotation")
+        assert null.monte_carlo == (name != "mp")
+    for variant, expected in (("mha", "product"), ("gqa", "product"), ("kv_shift", "product"),
+                              ("mla", "rotation"), ("mla_prerope", "rotation"), ("mla_kv_shift", "rotation")):
+        assert null_for_attention(variant) == expected

@@ -27,8 +27,8 @@ def spectral_norm_upper(M: torch.Tensor, squarings: int = 8) -> torch.Tensor:
 
     (the Schatten p-norm of G bounds its top eigenvalue from above), computed by repeated squaring
     with G rescaled to unit trace at each step, the scales kept in logs. With 8 squarings and
-    n = 32 the bound is at most 0.7% above s₁ (0.06% on random matrices), and 6x faster on CPU than
-    a batched SVD of 32 x 32 matrices; the factor 1 + 1e-5 covers float32 rounding.
+    n = 32 the bound is at most 32^(1/512) − 1 = 0.7% above s₁, and cheaper on CPU than a batched
+    SVD of the same matrices; the factor 1 + 1e-5 covers float32 rounding.
     """
     G = M.transpose(-1, -2) @ M  # (..., n, n)
     log_scale = torch.zeros(G.shape[:-2], dtype=G.dtype, device=G.device)

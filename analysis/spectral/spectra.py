@@ -48,9 +48,8 @@ def lapack_threads(n: int | None) -> Iterator[None]:
     """Run the enclosed torch ops with n intra-op CPU threads (None: leave the setting alone).
 
     Batched small LAPACK calls (r×r eigh/Cholesky, one matrix at a time) gain nothing from
-    threads, and on a shared CPU a descheduled OpenMP thread stalls every one of them: measured
-    here, 500 SVDs of 64×64 took 0.2 s with 1 thread and 1.5-16 s with 2 threads while another
-    process was busy. The previous setting is restored on exit.
+    threads, and on a shared CPU a descheduled OpenMP thread stalls every one of them (README,
+    Performance). The previous setting is restored on exit.
     """
     if n is None:
         yield
