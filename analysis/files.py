@@ -1,10 +1,11 @@
 """Writing a file so that a crash never leaves it half-written: the one atomic-write helper."""
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def temporary_name(path: Path) -> Path:
@@ -27,3 +28,15 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs: object) -> It
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of a whole text."""
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """`atomic_write` of `data` as indented JSON, one trailing newline."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")

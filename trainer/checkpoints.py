@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.files import atomic_write
+from analysis.files import atomic_write, write_json
 from trainer.checkpoint_io import load_verified
 from trainer.data import TextDataModule
 from trainer.lit_gpt import LitGPT
@@ -123,12 +123,9 @@ def _jsonable(value: object) -> object:
     return value
 
 
-def write_json(path: str | Path, payload: dict) -> Path:
+def write_results(path: str | Path, payload: dict) -> Path:
     """Write `payload` as indented strict JSON (atomically)."""
-    out = Path(path)
-    with atomic_write(out) as f:
-        f.write(json.dumps(_jsonable(payload), indent=2) + "\n")
-    return out
+    return write_json(path, _jsonable(payload))
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> Path:

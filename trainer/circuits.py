@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from analysis.surgery.circuits import overlap, plot_circuits, search_circuit
 from analysis.surgery.tasks import build_task
-from trainer.checkpoints import load_lit_gpt, run_datamodule, write_csv, write_json
+from trainer.checkpoints import load_lit_gpt, run_datamodule, write_csv, write_results
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
              "in_circuit": (layer, head) in c.heads, "strong": (layer, head) in c.strong}
             for c in circuits for layer in range(len(c.impact)) for head in range(len(c.impact[0]))]
     write_csv(out / "circuits.csv", rows)
-    write_json(out / "circuits.json", {"ckpt": str(cfg.ckpt), "search": vars(search),
+    write_results(out / "circuits.json", {"ckpt": str(cfg.ckpt), "search": vars(search),
                                        "circuits": [c.summary() for c in circuits], "overlap": overlaps})
     fig = plot_circuits(circuits)
     fig.savefig(out / "circuits.png", dpi=120)

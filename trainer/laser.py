@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from analysis.surgery.laser import apply_interventions
 from analysis.surgery.laser_search import plot_grid, run_search
-from trainer.checkpoints import heldout_blocks, load_lit_gpt, save_edited, write_csv, write_json
+from trainer.checkpoints import heldout_blocks, load_lit_gpt, save_edited, write_csv, write_results
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
 
     verdict = result.verdict()
     write_csv(out / "results.csv", result.rows)
-    write_json(out / "results.json", {"ckpt": str(cfg.ckpt), "n_blocks": len(x), "block_size": x.shape[1],
+    write_results(out / "results.json", {"ckpt": str(cfg.ckpt), "n_blocks": len(x), "block_size": x.shape[1],
                                       "search": vars(search), "skipped_taus": result.skipped_taus,
                                       "verdict": verdict, "base": result.base, "best": result.best,
                                       "composed": [vars(i) for i in result.composed], "rows": result.rows})

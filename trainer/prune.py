@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from analysis.surgery.pruning import plot_study, prune_study
-from trainer.checkpoints import heldout_blocks, load_lit_gpt, save_edited, write_csv, write_json
+from trainer.checkpoints import heldout_blocks, load_lit_gpt, save_edited, write_csv, write_results
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
     write_csv(out / "results.csv", [{k: v for k, v in r.items() if k != "layers"} for r in rows])
-    write_json(out / "results.json", {"ckpt": str(cfg.ckpt), "calib_blocks": len(calib), "eval_blocks": len(x),
+    write_results(out / "results.json", {"ckpt": str(cfg.ckpt), "calib_blocks": len(calib), "eval_blocks": len(x),
                                       "prune": dataclasses.asdict(chosen), "rows": rows})
     fig = plot_study(rows, title=f"Q/K pruning: {Path(cfg.ckpt).name}")
     fig.savefig(out / "prune.png", dpi=120)

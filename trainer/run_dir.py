@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.files import atomic_write
+from analysis.files import write_json, write_text
 from analysis.spectral.history import ALERTS_FILE, CHECK_GLOB, LOGITS_FILE, SPECTRA_DIR, check_step
 from trainer.checkpoint_io import CorruptCheckpointError, previous_path, temporary_files, verify_checkpoint
 
@@ -217,7 +217,7 @@ class RunDirectory:
             plan["extensions"].append({"from_step": step, "to": max_steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         else:
             return
-        _write_atomic(self.plan_file, json.dumps(plan, indent=2) + "\n")
+        write_json(self.plan_file, plan)
 
     def record_config(self, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
         """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them, once: a rerun
@@ -227,7 +227,7 @@ class RunDirectory:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
                            ("overrides.yaml", hydra_cfg.overrides.task)):
-            _write_atomic(self.config_dir / name, OmegaConf.to_yaml(node))
+            write_text(self.config_dir / name, OmegaConf.to_yaml(node))
 
     def resume_checkpoint(self, policy: str) -> str | None:
         """The verified checkpoint to resume from under `policy` (auto | never | must).
@@ -300,7 +300,7 @@ class RunDirectory:
                 lines = records.read_text(errors="replace").splitlines()
                 keep = [line for line in lines if line.strip() and -1 < _json_step(line) <= step]
                 if len(keep) != len(lines):
-                    _write_atomic(records, "".join(f"{line}\n" for line in keep))
+                    write_text(records, "".join(f"{line}\n" for line in keep))
         if self.spectra_dir.is_dir():
             for f in self.spectra_dir.glob(CHECK_GLOB):
                 if check_step(f) > step:
@@ -360,6 +360,3 @@ def _reopen_logs(directory: Path) -> None:
             handler.close()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    with atomic_write(path) as f:
-        f.write(text)

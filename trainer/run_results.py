@@ -7,7 +7,6 @@ its spectral history and renders the comparison with analysis/study/compare.py.
 """
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from analysis.files import atomic_write
+from analysis.files import write_json
 from trainer.checkpoint_io import CorruptCheckpointError, load_verified
 from trainer.run_dir import RunDirectory
 
@@ -158,6 +157,5 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         "tokens_per_sec": v.tokens_per_sec, "kv_cache_bytes": v.kv_bytes,
         "spikes_per_layer": {"steps": v.spikes[0].tolist(), "counts": v.spikes[1].tolist()} if v.spikes else None,
     } for v in variants], "files": sorted([*figures, "index.html"])}
-    with atomic_write(out / "compare.json") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
+    write_json(out / "compare.json", result)
     return result

@@ -35,7 +35,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.files import atomic_write
+from analysis.files import write_json  # atomic: concurrent writers (remote jobs) never leave a half-written file
 from trainer.distributed import DDP_ENV, end_distributed, is_global_zero, single_run_argv
 from trainer.run_dir import RunDirectory
 from trainer.run_results import FAILED_FILE
@@ -45,12 +45,6 @@ log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 SUMMARY_FILE = "sweep.json"
 STATUSES = ("done", "skipped", "failed", "incomplete")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: concurrent writers (remote jobs) never leave a half-written file."""
-    with atomic_write(path) as f:
-        f.write(json.dumps(data, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -110,7 +104,7 @@ class SweepBookkeeping(Callback):
         self.invocation = time.time()
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(sweep_dir / SUMMARY_FILE, {
+        write_json(sweep_dir / SUMMARY_FILE, {
             "sweep": str(config.get("experiment_name", sweep_dir.name)), "dir": str(sweep_dir.resolve()),
             "invocation": self.invocation, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
         })
@@ -121,7 +115,7 @@ class SweepBookkeeping(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         summary = summarize(sweep_dir, self.invocation)
         summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        _write_json(sweep_dir / SUMMARY_FILE, summary)
+        write_json(sweep_dir / SUMMARY_FILE, summary)
         counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items())
         log.info("sweep %s: %s (%s)", summary["sweep"], counts, sweep_dir / SUMMARY_FILE)
 
@@ -184,14 +178,14 @@ class SweepBookkeeping(Callback):
                 f"time: {time.strftime('%Y-%m-%dT%H:%M:%S')}\n\n{tb}"
             )
             log.error("job %s FAILED (%s); rerun the sweep command to retry it", run.path, record["error"])
-        _write_json(run.path / JOB_FILE, record)
+        write_json(run.path / JOB_FILE, record)
         if self._is_multirun(config):
             sweep_dir = Path(str(config.hydra.sweep.dir))
             invocation = self.invocation or _read_json(sweep_dir / SUMMARY_FILE).get("invocation")
             if invocation is not None and record["invocation"] is None:
                 record["invocation"] = invocation
-                _write_json(run.path / JOB_FILE, record)
-            _write_json(sweep_dir / SUMMARY_FILE, summarize(sweep_dir, invocation))
+                write_json(run.path / JOB_FILE, record)
+            write_json(sweep_dir / SUMMARY_FILE, summarize(sweep_dir, invocation))
 
     @staticmethod
     def _is_multirun(config: DictConfig) -> bool:
