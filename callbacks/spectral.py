@@ -104,6 +104,9 @@ class SpectralHealthCallback(L.Callback):
 
     # ----------------------------------------------------------------- scheduling
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy) and any("qk_clip" in a for a in self.actions.values()):
+            raise ValueError("spectral.actions with qk_clip need whole weights on every rank; "
+                             "not available under FSDP (the weights are sharded)")
         self.probe = probe_batch(trainer, pl_module, self.probe_batch_size)
         if trainer.global_step == 0:
             self._check(trainer, pl_module, spectral=True)
@@ -125,11 +128,10 @@ class SpectralHealthCallback(L.Callback):
         self.last_step = step
         fired: list[Alert] = []
         stats: LogitStats | None = None
-        if trainer.is_global_zero:
-            stats, fired = self._logit_check(trainer, pl_module, step)
-        if spectral:
-            with full_parameters(trainer):  # FSDP: every rank joins the gather; rank 0 reads whole weights
-                if trainer.is_global_zero:
+        with full_parameters(trainer):  # FSDP: every rank joins the gather; rank 0 reads whole weights
+            if trainer.is_global_zero:
+                stats, fired = self._logit_check(trainer, pl_module, step)
+                if spectral:
                     fired += self._spectral_check(trainer, pl_module, step)
         if trainer.is_global_zero:
             for alert in fired:
