@@ -199,11 +199,13 @@ class SpectralHealthCallback(L.Callback):
                 continue
             found = rule.exceedances(data, self.rule_memory[name])
             details = {e.key: e.detail for e in found}
+            severity = {e.key: e.severity for e in found}
             fire = self.persistence[name].update(check, set(details))
             if fire:
                 keys = sorted(fire)
                 text = f"step {step}: " + "; ".join(details[k] for k in keys)
-                alerts.append(Alert(name, rule.level, f"qkscope: {rule.title}", text, step, keys))
+                worst = sorted(keys, key=lambda k: -severity[k])
+                alerts.append(Alert(name, rule.level, f"qkscope: {rule.title}", text, step, keys, worst))
         return alerts
 
     def _write_logits(self, stats: LogitStats, step: int) -> None:
@@ -214,7 +216,7 @@ class SpectralHealthCallback(L.Callback):
 
     # ----------------------------------------------------------------- sinks
     def _emit(self, trainer: L.Trainer, alert: Alert) -> None:
-        log.warning("[spectral %s] %s: %s", alert.level, alert.title, alert.text)
+        log.log(logging.getLevelName(alert.level.replace("WARN", "WARNING")), "%s", alert.summary())
         for logger in trainer.loggers:  # a marker at the alert's step, to overlay on the loss chart
             logger.log_metrics({f"alerts/{alert.level}": 1.0}, step=alert.step)
         if self.run_dir is not None:

@@ -9,6 +9,7 @@ last K checks, and not again until `cooldown` checks have passed. All state is p
 dicts, so it round-trips through a Lightning checkpoint.
 """
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ LEVELS = ("INFO", "WARN", "ERROR")
 class Exceedance:
     key: str  # e.g. "L3H1" (a head) or "L3" (a layer) or "model"
     detail: str  # what was measured, for the alert text
+    severity: float = 0.0  # how far past the rule's threshold (larger is worse), to rank keys in the console line
 
 
 @dataclass
@@ -32,9 +34,17 @@ class Alert:
     rule: str
     level: str
     title: str
-    text: str
+    text: str  # every exceedance's detail (alerts.jsonl, wandb.alert)
     step: int
     keys: list[str]
+    worst: list[str] = field(default_factory=list)  # the keys by severity, worst first
+
+    def summary(self, n: int = 3) -> str:
+        """The console line: level, rule, step, how many keys, the worst `n` of them."""
+        worst = self.worst or self.keys
+        more = f" +{len(worst) - n} more" if len(worst) > n else ""
+        return (f"[spectral {self.level}] {self.rule} at step {self.step}: {len(self.keys)} "
+                f"{'key' if len(self.keys) == 1 else 'keys'} ({', '.join(worst[:n])}{more}); details in alerts.jsonl")
 
 
 def _values_window_ago(memory: dict, kind: str, values: list[float], window: int) -> list[float] | None:
@@ -70,11 +80,12 @@ class SpikeRule:
             flagged = (hs.pvalue < self.fa_level / m) & hs.finite
             for layer, head in flagged.nonzero().tolist():
                 ratio = float(hs.lambda_max[layer, head] / hs.edge[layer, head])
+                p = float(hs.pvalue[layer, head])
                 out.append(Exceedance(f"{kind}:L{layer}H{head}", (
                     f"{kind} L{layer}H{head}: λ_max/edge={ratio:.2f}, "
-                    f"spikes={int(hs.num_spikes[layer, head])}, p={float(hs.pvalue[layer, head]):.2g} "
+                    f"spikes={int(hs.num_spikes[layer, head])}, p={p:.2g} "
                     f"(Bonferroni level {self.fa_level / m:.2g})"
-                )))
+                ), -math.log10(max(p, 1e-300))))
         return out
 
 
@@ -105,7 +116,7 @@ class LayerLocalisedRule:
                 if count >= self.min_spikes and count > self.factor * median:
                     out.append(Exceedance(f"{kind}:L{layer}", (
                         f"{kind} layer {layer}: {int(count)} spikes vs median {median:g} in the other layers"
-                    )))
+                    ), count - median))
         return out
 
 
@@ -134,11 +145,11 @@ class RankCollapseRule:
                 old = before[layer] if before is not None else None
                 if value < self.min_fraction * r:
                     detail = f"{kind} layer {layer}: effective rank {value:.1f} of {r}"
-                    out.append(Exceedance(f"{kind}:L{layer}", detail))
+                    out.append(Exceedance(f"{kind}:L{layer}", detail, 1 - value / r))
                 elif old is not None and value < (1 - self.max_drop) * old:
                     out.append(Exceedance(f"{kind}:L{layer}", (
                         f"{kind} layer {layer}: effective rank fell {old:.1f} -> {value:.1f} in {self.window} checks"
-                    )))
+                    ), 1 - value / old))
         return out
 
 
@@ -165,7 +176,7 @@ class RunawayNormRule:
                 if old > 0 and new > self.growth * old:
                     out.append(Exceedance(f"{kind}:L{layer}", (
                         f"{kind} layer {layer}: max spectral norm {old:.3g} -> {new:.3g} in {self.window} checks"
-                    )))
+                    ), new / old))
         return out
 
 
@@ -186,7 +197,7 @@ class NonFiniteRule:
         for kind, hs in report.heads.items():
             bad = _head_keys(~hs.finite)
             if bad:
-                out.append(Exceedance("model", f"{kind}: non-finite factors in {', '.join(bad)}"))
+                out.append(Exceedance("model", f"{kind}: non-finite factors in {', '.join(bad)}", float(len(bad))))
         return out
 
 
@@ -227,7 +238,8 @@ class LogitGrowthRule:
             if old is not None and b > self.floor and b > self.growth * old:
                 why.append(f"bound grew {old:.3g} -> {b:.3g} in {self.window} checks")
             if why:
-                out.append(Exceedance(f"L{layer}", f"layer {layer}: " + ", ".join(why)))
+                out.append(Exceedance(f"L{layer}", f"layer {layer}: " + ", ".join(why), max(s / self.max_logit,
+                                                                                                b / self.bound)))
         return out
 
 

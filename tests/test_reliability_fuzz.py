@@ -156,7 +156,7 @@ def _run_case(category: str, override: str, name: str) -> BadInput:
     return BadInput(category, [override], [name])
 
 
-# The keys the schema types loosely (trainer.*, run-level keys) and places the run writes to: each value
+# Values the schema's types let through (trainer.*, run-level keys) and places the run writes to: each value
 # Lightning, numpy or the filesystem would reject late, or that would be accepted wrongly.
 RUN_LEVEL = [
     *(_run_case("trainer value", f"trainer.max_steps={v}", "trainer.max_steps") for v in (-5, "abc", -1, 0)),

@@ -34,6 +34,9 @@ def test_planted_spike_raises_alert_logged_to_wandb(tmp_path: Path, corpus_cache
     records = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
     spikes = [r for r in records if r["rule"] == "spikes"]
     assert spikes and "content:L1H2" in spikes[0]["keys"]
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if "[spectral " in line]
+    assert any("[spectral INFO] spikes at step 4: 1 key (content:L1H2)" in line for line in console)
+    assert console and all(len(line) < 240 for line in console)  # one line each; the details are in alerts.jsonl
     assert all(key == "content:L1H2" for r in spikes for key in r["keys"])  # no false alarm elsewhere
     assert spikes[0]["step"] == 4  # k=2 of K=3 checks: steps 2 and 4 (the step-0 check predates the plant)
 
@@ -205,3 +208,15 @@ def test_the_shipped_yaml_and_the_callbacks_defaults_agree() -> None:
     literal = {k: v for k, v in yaml.items() if k in params and not (isinstance(v, str) and "${" in v)
                and k not in ("rules", "actions")}
     assert literal and {k: params[k].default for k in literal} == literal
+
+
+def test_console_line_names_the_worst_keys_first() -> None:
+    from callbacks.spectral_rules import Alert
+
+    keys = [f"content:L{i // 4}H{i % 4}" for i in range(16)]
+    worst = ["content:L3H1", "content:L0H2", "content:L2H0", *[k for k in keys if k not in
+                                                              ("content:L3H1", "content:L0H2", "content:L2H0")]]
+    alert = Alert("spikes", "INFO", "qkscope: t", "x" * 2000, 100, keys, worst)
+    line = alert.summary()
+    assert line == ("[spectral INFO] spikes at step 100: 16 keys (content:L3H1, content:L0H2, content:L2H0 +13 more); "
+                    "details in alerts.jsonl")

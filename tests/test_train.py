@@ -39,6 +39,7 @@ def test_fit_logs_to_wandb_offline_and_marks_done(tmp_path: Path, corpus_cache: 
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     assert len(val) == 2 and all(0 < v < 8 for v in val)
 
+    assert "trainer.max_steps=6 <= optim.warmup_steps=100: the run ends inside its warmup" in proc.stdout + proc.stderr
     again = run_train(*args)  # a finished run is not retrained
     assert again.returncode == 0 and "is DONE at step 6; nothing to do" in again.stderr + again.stdout
     assert len(wandb_files(run_dir)) == 1

@@ -1,9 +1,10 @@
-"""Checks of the keys the schema leaves loose (the Trainer's, the run's), run before any work.
+"""Checks of what the schema's types cannot say (the Trainer's values, the run's), run before any work.
 
-`trainer.*` is passed to `lightning.Trainer` as it stands, so the values Lightning would reject
-only after the model, the data and W&B were set up are refused here, each naming the key and
-what is allowed. `Preflight` runs every check as a Hydra callback before Hydra creates the run
-directory, so a refused single run leaves nothing on disk.
+The schema (trainer/config.py) types `trainer.*` and leaves the node open to any other Trainer
+argument; the names Trainer does not take and the values Lightning would reject only after the
+model, the data and W&B were set up are refused here, each naming the key and what is allowed.
+`Preflight` runs every check as a Hydra callback before Hydra creates the run directory, so a
+refused single run leaves nothing on disk.
 """
 
 import difflib
@@ -119,6 +120,17 @@ def check_run(cfg: DictConfig, known: list[str]) -> None:
         raise ConfigError(f"extend_to={extend_to} is invalid; allowed: null or an integer >= 1")
     _writable("paths.root", Path(str(cfg.paths.root)))
     _writable("paths.cache_dir", Path(str(cfg.paths.cache_dir)))
+
+
+def schedule_warning(cfg: DictConfig, max_steps: int) -> str | None:
+    """A warning when a run of `max_steps` ends inside its learning-rate warmup: it never trains at
+    optim.lr and its cosine decay never starts."""
+    warmup = int(cfg.optim.warmup_steps)
+    if max_steps > warmup:
+        return None
+    return (f"trainer.max_steps={max_steps} <= optim.warmup_steps={warmup}: the run ends inside its warmup, "
+            f"at {max_steps / max(warmup, 1):.0%} of optim.lr={cfg.optim.lr:g}; lower optim.warmup_steps to train "
+            "at the full rate")
 
 
 class Preflight(Callback):

@@ -32,6 +32,7 @@ from models.config import ConfigError
 from trainer.checkpoint_io import CorruptCheckpointError, verify_checkpoint
 from trainer.config import validate
 from trainer.distributed import is_global_zero
+from trainer.run_checks import schedule_warning
 from trainer.run_dir import RunDirectory, RunDirectoryError
 from trainer.run_results import objective
 
@@ -110,6 +111,8 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig, run: RunDirectory, multirun: 
             log.info("%s is DONE at step %d; nothing to do (extend_to=N continues it to N steps)", run.path,
                      max_steps)
             return objective(run.path)
+        if (warning := schedule_warning(cfg, max_steps)) is not None:
+            log.warning("%s", warning)
         ckpt_path = run.resume_checkpoint(cfg.resume)
         if run.resume_step > max_steps:
             raise RunDirectoryError(f"{ckpt_path} is at step {run.resume_step}, past trainer.max_steps={max_steps}")
