@@ -146,3 +146,20 @@ class Preflight(Callback):
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+
+
+class CheckpointPreflight(Callback):
+    """Hydra callback of the surgery tools: `ckpt=` given and a file, before Hydra resolves the output directory
+    (which is derived from it); otherwise one `error:` line with the command's shape, exit status 2."""
+
+    def __init__(self, tool: str) -> None:
+        self.tool = tool
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        usage = f"python -m trainer.{self.tool} ckpt=<run_dir>/checkpoints/last.ckpt (--help lists the keys)"
+        if OmegaConf.is_missing(config, "ckpt"):
+            print(f"error: ckpt= is required, the qkscope training checkpoint to work on: {usage}", file=sys.stderr)
+            sys.exit(2)
+        if not Path(str(config.ckpt)).is_file():
+            print(f"error: ckpt={config.ckpt} is not a file: {usage}", file=sys.stderr)
+            sys.exit(2)

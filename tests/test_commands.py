@@ -1,0 +1,39 @@
+"""What a user types: --help of each entry point, and the surgery tools' one-line refusals."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_module
+
+TOOLS = ("laser", "prune", "circuits")
+
+
+def test_train_help_shows_examples_and_groups() -> None:
+    proc = run_module("trainer.train", "--help")
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert len(lines) < 60 and lines[0].startswith("Train a decoder-only transformer")
+    assert "Examples:" in lines and any("python -m trainer.train -m attention=" in line for line in lines)
+    assert "attention: gqa, kv_shift, mha, mla, mla_kv_shift, mla_prerope" in lines
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tool_help_is_the_tools_own(tool: str) -> None:
+    proc = run_module(f"trainer.{tool}", "--help")
+    assert proc.returncode == 0
+    assert f"Usage: python -m trainer.{tool} ckpt=<run_dir>/checkpoints/last.ckpt" in proc.stdout
+    assert "ckpt: ???" in proc.stdout and "attention: gqa" not in proc.stdout  # its keys, not training's groups
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tool_without_or_with_a_missing_checkpoint_is_one_line(tool: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for args, message in (((), "error: ckpt= is required"),
+                          ((f"ckpt={tmp_path / 'nope.ckpt'}",), f"error: ckpt={tmp_path / 'nope.ckpt'} is not a file")):
+        proc = run_module(f"trainer.{tool}", *args)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in proc.stderr + proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no output directory was made
