@@ -1,12 +1,14 @@
 """What a user types: --help of each entry point, and the surgery tools' one-line refusals."""
 
+import json
+import math
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_module
 
-TOOLS = ("laser", "prune", "circuits")
+TOOLS = ("laser", "prune", "circuits", "evaluate", "sample")
 
 
 def test_train_help_shows_examples_and_groups() -> None:
@@ -37,3 +39,26 @@ def test_tool_without_or_with_a_missing_checkpoint_is_one_line(tool: str, tmp_pa
         assert proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1
         assert "Traceback" not in proc.stderr + proc.stdout
     assert list(tmp_path.iterdir()) == []  # no output directory was made
+
+
+def test_evaluate_and_sample_a_trained_checkpoint(surgery_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    proc = run_module("trainer.evaluate", f"ckpt='{surgery_checkpoint}'", f"out={out}", "n_blocks=8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["n_blocks"] == 8 and result["block_size"] == 128
+    assert 0 < result["loss"] < 8 and result["ppl"] == pytest.approx(math.exp(result["loss"]))
+    assert f"loss {result['loss']:.4f}" in proc.stdout
+
+    corpus = tmp_path / "psalm.txt"
+    corpus.write_text("The LORD is my shepherd; I shall not want.\n" * 200)
+    proc = run_module("trainer.evaluate", f"ckpt='{surgery_checkpoint}'", f"out={out}", f"files=[{corpus}]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["data"] == [str(corpus)]
+
+    greedy = [run_module("trainer.sample", f"ckpt='{surgery_checkpoint}'", "prompt='And God said'", "tokens=12",
+                         "temperature=0") for _ in range(2)]
+    assert all(p.returncode == 0 for p in greedy), greedy[0].stderr[-2000:]
+    text = greedy[0].stdout.split("--- sample 1/1\n", 1)[1]
+    assert text.startswith("And God said") and len(text) > len("And God said")
+    assert greedy[0].stdout == greedy[1].stdout  # greedy decoding is deterministic

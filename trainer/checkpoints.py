@@ -16,6 +16,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -94,17 +95,20 @@ def run_datamodule(ckpt: str | Path, cache_dir: str | None = None) -> TextDataMo
 
 def heldout_blocks(ckpt: str | Path, n_blocks: int = 256, cache_dir: str | None = None,
                    split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n_blocks contiguous, non-overlapping blocks of the run's `split` tokens: x, y (N, T).
-
-    T is the run's data.block_size; y is x shifted by one token. n_blocks <= 0 takes every block.
-    """
+    """The first n_blocks contiguous, non-overlapping blocks of the run's `split` tokens: x, y (N, T)."""
     dm = run_datamodule(ckpt, cache_dir)
-    tokens = torch.from_numpy(dm.corpus.tokens(split).astype("int64"))
-    T = dm.config.block_size
+    return token_blocks(dm.corpus.tokens(split), dm.config.block_size, n_blocks, f"the {split} split")
+
+
+def token_blocks(tokens: np.ndarray, T: int, n_blocks: int = 0, what: str = "the text") -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+    """The first n_blocks contiguous, non-overlapping blocks of T tokens: x, y (N, T), y being x shifted by
+    one token; n_blocks <= 0 takes every block."""
+    tokens = torch.from_numpy(np.asarray(tokens).astype("int64"))
     available = (len(tokens) - 1) // T
     n = available if n_blocks <= 0 else min(n_blocks, available)
     if n < 2:
-        raise ValueError(f"the {split} split holds {available} blocks of {T} tokens; need at least 2")
+        raise ValueError(f"{what} holds {available} blocks of {T} tokens; need at least 2")
     x = tokens[: n * T].view(n, T)  # (N, T)
     y = tokens[1 : n * T + 1].view(n, T)  # (N, T)
     return x, y

@@ -168,7 +168,8 @@ def _train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _encode(tok: Tokenizer, docs: list[str], dtype: type) -> np.ndarray:
+def encode_documents(tok: Tokenizer, docs: list[str], dtype: type) -> np.ndarray:
+    """Every document's token ids, each followed by the newline separator the corpus is trained with."""
     ids = [e.ids for e in tok.encode_batch([d + "\n" for d in docs])]
     return np.fromiter((i for row in ids for i in row), dtype=dtype)
 
@@ -198,7 +199,7 @@ def prepare_corpus(
                           f"validation split (data.val_fraction={val_fraction}); use a longer corpus")
     tok = _train_tokenizer(train_docs, vocab_size)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
-    train, val = _encode(tok, train_docs, dtype), _encode(tok, val_docs, dtype)
+    train, val = encode_documents(tok, train_docs, dtype), encode_documents(tok, val_docs, dtype)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
