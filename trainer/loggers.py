@@ -10,6 +10,7 @@ import csv
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -23,6 +24,15 @@ log = logging.getLogger(__name__)
 
 PROBE_BYTES = 1 << 16  # written and fsync'ed into the W&B directory before W&B starts
 WANDB_FLUSH_SECONDS = 0.1  # W&B's service writes its .wandb file in 32 KiB blocks, otherwise every 15 s
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close this process's W&B run, if one is open. Lightning's WandbLogger reuses a run still open
+    (`wandb.run`), so without this the next run in the same process (a multirun's next job, a notebook,
+    an in-process test) would log into this one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def wandb_mode() -> str:

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from analysis.files import write_json  # atomic: concurrent writers (remote jobs) never leave a half-written file
 from trainer.distributed import DDP_ENV, end_distributed, is_global_zero, single_run_argv
+from trainer.loggers import finish_wandb
 from trainer.run_dir import RunDirectory
 from trainer.run_results import FAILED_FILE
 
@@ -52,14 +53,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-
-
-def _finish_wandb(failed: bool) -> None:
-    """Close this process's W&B run: Lightning's WandbLogger reuses a run still open, so without
-    this every later job of a multirun would log into the first job's run."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=1 if failed else 0)
 
 
 def summarize(sweep_dir: str | Path, invocation: float | None) -> dict[str, Any]:
@@ -143,7 +136,7 @@ class SweepBookkeeping(Callback):
         if not is_global_zero():
             return
         failed = job_return.status == JobStatus.FAILED
-        _finish_wandb(failed)
+        finish_wandb(1 if failed else 0)
         if self._argv is not None:
             sys.argv, self._argv = self._argv, None
             end_distributed(self._env)

@@ -32,6 +32,7 @@ from models.config import ConfigError
 from trainer.checkpoint_io import CorruptCheckpointError, verify_checkpoint
 from trainer.config import validate
 from trainer.distributed import is_global_zero
+from trainer.loggers import finish_wandb
 from trainer.run_checks import schedule_warning
 from trainer.run_dir import RunDirectory, RunDirectoryError
 from trainer.run_results import objective
@@ -92,9 +93,16 @@ def train(cfg: DictConfig, hydra_cfg: DictConfig, multirun: bool = False) -> flo
     RunStoppedError or DiskFailureError (the module docstring's statuses 2, 3, 4). Tests call this in-process.
     """
     run = RunDirectory(cfg.paths.run_dir)
+    exit_code = 1
     try:
-        return _train(cfg, hydra_cfg, run, multirun)
+        result = _train(cfg, hydra_cfg, run, multirun)
+        exit_code = 0
+        return result
+    except RunEndedError as e:
+        exit_code = e.exit_code
+        raise
     finally:
+        finish_wandb(exit_code)  # however the run ended: a later run in this process starts its own
         run.unlock()
 
 
