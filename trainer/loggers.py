@@ -82,7 +82,9 @@ def wandb_logger(run_dir: str, project: str, name: str, group: str | None = None
             project=project, name=name, group=group, tags=list(tags or []), id=run_id, resume="allow",
             save_dir=str(run.path), offline=wandb_mode() != "online", settings=wandb.Settings(**settings),
         )
-        _ = logger.experiment  # start W&B now, so a failure falls back before training
+        experiment = logger.experiment  # start W&B now, so a failure falls back before training
+        for metric in ("val/loss", "val/ppl"):  # the run table and sweep views show the best value
+            experiment.define_metric(metric, step_metric="trainer/global_step", step_sync=True, summary="min")
         return logger
     except Exception as e:  # W&B failures must never stop training
         log.warning("W&B could not start (%s: %s); logging to CSV in %s instead", type(e).__name__, e,

@@ -74,6 +74,15 @@ def alerts(path: str | Path) -> list[dict[str, Any]]:
     ]
 
 
+def metric_summaries(path: str | Path) -> dict[str, list[str]]:
+    """Metric definitions (`define_metric`): name -> the summaries W&B keeps for it (min, max, last, ...)."""
+    out = {}
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "metric" and rec.metric.name:
+            out[rec.metric.name] = [f.name for f, value in rec.metric.summary.ListFields() if value]
+    return out
+
+
 def run_id(path: str | Path) -> str:
     """The run id recorded in the file."""
     for rec in read_records(path):
