@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import ROOT, run_train, train_cmd, wandb_files
 from trainer.run_dir import run_id_from_overrides
-from trainer.wandb_records import history, metric_summaries, run_id
+from trainer.wandb_records import history, metric_summaries, run_id, run_record
 
 
 def checkpoint_step(path: Path) -> int:
@@ -38,6 +38,7 @@ def test_fit_logs_to_wandb_offline_and_marks_done(tmp_path: Path, corpus_cache: 
     assert rates and all(abs(i - 128 * s) <= 1e-6 * i for i, s in rates)  # items are tokens: samples x block
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     assert len(val) == 2 and all(0 < v < 8 for v in val)
+    assert list(run_record(wandb_file).tags) == ["mha", "4x128"]  # the variant and the size, to filter by
     assert "min" in metric_summaries(wandb_file)["val/loss"]  # the run's summary keeps the best val/loss
 
     assert "trainer.max_steps=6 <= optim.warmup_steps=100: the run ends inside its warmup" in proc.stdout + proc.stderr

@@ -62,12 +62,13 @@ def check_writable(directory: Path, min_free_mb: float) -> None:
 
 
 def wandb_logger(run_dir: str, project: str, name: str, group: str | None = None,
-                 tags: list[str] | None = None, min_free_mb: float = 50.0) -> Logger:
+                 tags: list[str] | None = None, run_tags: list[str] | None = None,
+                 min_free_mb: float = 50.0) -> Logger:
     """A WandbLogger whose run id lives in the run directory, so a resumed run continues it.
 
     If W&B cannot start (import, init or disk failure: `<run_dir>/wandb` unwritable or with less
     than `min_free_mb` free), training goes on with a CSVLogger in the same run directory and a
-    warning says why.
+    warning says why. The W&B tags are `run_tags` (what the run is: variant, size) then the user's `tags`.
     """
     run = RunDirectory(run_dir)
     try:
@@ -78,8 +79,9 @@ def wandb_logger(run_dir: str, project: str, name: str, group: str | None = None
         settings = {"mode": wandb_mode(), "console": "off", "x_disable_stats": True}
         if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
             settings["x_transaction_log_flush_interval"] = WANDB_FLUSH_SECONDS  # what a crash can lose
+        all_tags = list(dict.fromkeys([*(run_tags or []), *(tags or [])]))  # in order, each once
         logger = WandbLogger(
-            project=project, name=name, group=group, tags=list(tags or []), id=run_id, resume="allow",
+            project=project, name=name, group=group, tags=all_tags, id=run_id, resume="allow",
             save_dir=str(run.path), offline=wandb_mode() != "online", settings=wandb.Settings(**settings),
         )
         experiment = logger.experiment  # start W&B now, so a failure falls back before training

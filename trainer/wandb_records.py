@@ -83,9 +83,14 @@ def metric_summaries(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def run_id(path: str | Path) -> str:
-    """The run id recorded in the file."""
+def run_record(path: str | Path) -> Any:
+    """The file's run record (id, name, group, tags, ...)."""
     for rec in read_records(path):
         if rec.WhichOneof("record_type") == "run":
-            return rec.run.run_id
+            return rec.run
     raise ValueError(f"{path} holds no run record")
+
+
+def run_id(path: str | Path) -> str:
+    """The run id recorded in the file."""
+    return run_record(path).run_id
