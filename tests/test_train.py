@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import ROOT, run_train, train_cmd, wandb_files
 from trainer.run_dir import run_id_from_overrides
-from trainer.wandb_records import history, metric_summaries, run_id, run_record
+from trainer.wandb_records import history, metric_summaries, run_config, run_id, run_record
 
 
 def checkpoint_step(path: Path) -> int:
@@ -39,6 +39,9 @@ def test_fit_logs_to_wandb_offline_and_marks_done(tmp_path: Path, corpus_cache: 
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     assert len(val) == 2 and all(0 < v < 8 for v in val)
     assert list(run_record(wandb_file).tags) == ["mha", "4x128"]  # the variant and the size, to filter by
+    config = run_config(wandb_file)  # the resolved config, logged once: the module's hparams do not overwrite it
+    assert config["model"]["d_ff"] == 0 and config["trainer"]["max_steps"] == 6
+    assert config["model"]["attention"]["name"] == "mha" and config["optim"]["lr"] > 0
     assert "min" in metric_summaries(wandb_file)["val/loss"]  # the run's summary keeps the best val/loss
 
     assert "trainer.max_steps=6 <= optim.warmup_steps=100: the run ends inside its warmup" in proc.stdout + proc.stderr

@@ -84,7 +84,7 @@ class LitGPT(L.LightningModule):
             "optim": asdict(self.optim_config),
             "sample_prompt": sample_prompt,
             "sample_tokens": sample_tokens,
-        })
+        }, logger=False)  # in the checkpoint only: the loggers get the whole resolved config once (train.py)
         self.model = GPT(self.model_config)
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
         self.flops_per_batch: int | None = None

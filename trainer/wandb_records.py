@@ -83,6 +83,16 @@ def metric_summaries(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def run_config(path: str | Path) -> dict[str, Any]:
+    """The run's config as W&B holds it: every config update in the file applied in order (top-level keys)."""
+    config: dict[str, Any] = {}
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "config":
+            for item in rec.config.update:
+                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config
+
+
 def run_record(path: str | Path) -> Any:
     """The file's run record (id, name, group, tags, ...)."""
     for rec in read_records(path):
