@@ -50,6 +50,9 @@ def test_planted_spike_raises_alert_logged_to_wandb(tmp_path: Path, corpus_cache
         assert f"spectral_esd/content/L{layer}/_type" in keys or f"spectral_esd/content/L{layer}" in keys
     assert "spectral/content/spikes_total" in keys and "spectral/check_seconds" in keys
     assert any(k.startswith("spectral_images/content_esd") for k in keys)
+    image_steps = {r.get("trainer/global_step") for r in rows if any(k.startswith("spectral_images/content_esd")
+                                                                      for k in r)}
+    assert image_steps == {0, 4, 6}  # every 2nd check (steps 0, 4) and the last one
     assert any(k.startswith("spectral/heads") for k in keys)  # the per-head table
     spikes = [r["spectral/content/L1/spikes"] for r in rows if "spectral/content/L1/spikes" in r]
     ratio = [r["spectral/content/L1/lambda_max_over_edge"] for r in rows
