@@ -200,7 +200,7 @@ def test_max_steps_names_the_run_a_mismatch_is_refused_and_extend_to_continues_i
     assert plan["max_steps"] == 8 and [(e["from_step"], e["to"]) for e in plan["extensions"]] == [(8, 12)]
     assert (pinned / ".hydra" / "config.yaml").read_text() == config  # the config the run started with
     peak = 3e-3
-    lrs = {int(r["step"]): r["lr-AdamW/pg1"] for r in metric_rows(pinned) if "lr-AdamW/pg1" in r}
+    lrs = {int(r["step"]): r["train/lr"] for r in metric_rows(pinned) if "train/lr" in r}
     for step, lr in lrs.items():
         total = 8 if step < 8 else 12
         assert lr == pytest.approx(peak * lr_factor(step, 4, total, 0.1), rel=1e-6), (step, lr)

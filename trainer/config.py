@@ -105,12 +105,6 @@ class LastCheckpointNode:
 
 
 @dataclass
-class LrMonitorNode:
-    _target_: str = MISSING
-    logging_interval: str | None = MISSING
-
-
-@dataclass
 class ProgressNode:
     _target_: str = MISSING
     leave: bool = MISSING
@@ -255,7 +249,6 @@ class CallbacksNode:
 
     best_checkpoint: BestCheckpointNode | None = MISSING
     last_checkpoint: LastCheckpointNode | None = MISSING
-    lr_monitor: LrMonitorNode | None = MISSING
     progress: ProgressNode | None = MISSING
     throughput: ThroughputNode | None = MISSING
     divergence: DivergenceNode | None = MISSING

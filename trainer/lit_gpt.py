@@ -129,6 +129,8 @@ class LitGPT(L.LightningModule):
         x, y = batch
         _, loss = self.model(x, y)
         self.log("train/loss", loss, prog_bar=True)
+        # the learning rate of this step (every parameter group has the same; one curve, not one per group)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
