@@ -236,7 +236,7 @@ class SpectralHealthCallback(L.Callback):
 
     def _log(self, trainer: L.Trainer, report: SpectralReport, meta: dict[str, float], step: int) -> None:
         scalars = report_scalars(report, meta, self.checks, self.bh_q, self.per_head)
-        final = trainer.max_steps is not None and step >= trainer.max_steps  # the last check always has its images
+        final = 0 < trainer.max_steps <= step  # the last check of a run always has its images (-1: no limit)
         images = bool(self.image_every_n_checks) and ((self.checks - 1) % self.image_every_n_checks == 0 or final)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)

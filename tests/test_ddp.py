@@ -106,7 +106,7 @@ def callback(run_dir: Path, cache: Path, **kwargs: object) -> SpectralHealthCall
 
 def stub_trainer(rank_zero: bool, strategy: object = None) -> SimpleNamespace:
     strategy = strategy or SimpleNamespace(broadcast=lambda obj, src=0: obj)
-    return SimpleNamespace(global_step=0, is_global_zero=rank_zero, strategy=strategy, loggers=[],
+    return SimpleNamespace(global_step=0, max_steps=10, is_global_zero=rank_zero, strategy=strategy, loggers=[],
                            should_stop=False)
 
 
