@@ -8,8 +8,8 @@ its own (hydra issue #3328); `SweepBookkeeping`, listed under `hydra.callbacks`,
 
     on_job_start     an earlier attempt's FAILED is removed: the job is being retried
     on_job_end       FAILED (error and traceback) if the job raised; <job>/job.json, this
-                     attempt's outcome; the W&B run is finished, so the next job run by this
-                     process starts its own; <sweep>/sweep.json refreshed
+                     attempt's outcome; <sweep>/sweep.json refreshed (each job's W&B run is
+                     closed by `train` itself, so the next job run by this process starts its own)
     on_multirun_end  <sweep>/sweep.json: every job of this invocation, done | skipped | failed |
                      incomplete, with counts
 
@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from analysis.files import write_json  # atomic: concurrent writers (remote jobs) never leave a half-written file
 from trainer.distributed import DDP_ENV, end_distributed, is_global_zero, single_run_argv
-from trainer.loggers import finish_wandb
 from trainer.run_dir import RunDirectory
 from trainer.run_results import FAILED_FILE
 
@@ -136,7 +135,6 @@ class SweepBookkeeping(Callback):
         if not is_global_zero():
             return
         failed = job_return.status == JobStatus.FAILED
-        finish_wandb(1 if failed else 0)
         if self._argv is not None:
             sys.argv, self._argv = self._argv, None
             end_distributed(self._env)
