@@ -8,6 +8,7 @@ import runpy
 import subprocess
 import sys
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,19 +65,13 @@ def run_module(module: str, *args: str) -> Finished:
     saved_argv, threads = sys.argv, torch.get_num_threads()
     root, saved_handlers, saved_level = logging.getLogger(), logging.getLogger().handlers[:], logging.getLogger().level
     out, err = io.StringIO(), io.StringIO()
-    code = 0
+    code = 1
     os.environ.update(env)
-    sys.argv = [module.replace(".", "/") + ".py", *args]
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)  # as `python -m` runs it
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except Exception:
-                traceback.print_exc()
-                code = 1
+                code = run_as_main(module, args)
             finally:  # finish the run and stop this process's W&B service: a later subprocess or fork of the
                 with contextlib.suppress(SystemExit):  # test process would otherwise connect to it (WANDB_SERVICE)
                     wandb.teardown(exit_code=code)
@@ -94,6 +89,20 @@ def run_module(module: str, *args: str) -> Finished:
             else:
                 os.environ[k] = v
     return Finished(code, out.getvalue(), err.getvalue())
+
+
+def run_as_main(module: str, args: Sequence[str]) -> int:
+    """`python -m <module> *args` in this process, as `python -m` runs it (sys.argv set, the module run as
+    __main__); -> its exit status, 1 with the traceback printed if it raised."""
+    sys.argv = [module.replace(".", "/") + ".py", *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def run_train_process(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -13,7 +13,6 @@ writes what it was sent and exits.
 
 import contextlib
 import os
-import runpy
 import shutil
 import signal
 import sys
@@ -26,6 +25,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from tests.conftest import run_as_main
 
 KILL_ENV = "QKSCOPE_KILL_AT"
 WHERE = ("batch_end", "mid_step", "in_save")
@@ -145,11 +146,7 @@ def run_forked(args: Sequence[str], env: dict[str, str] | None = None, prepare: 
                 os.environ.update({"WANDB_MODE": "offline", **(env or {})})
                 if prepare is not None:
                     prepare()
-                sys.argv = ["trainer/train.py", *args]
-                runpy.run_module("trainer.train", run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                code = run_as_main("trainer.train", args)
             except BaseException:
                 traceback.print_exc()
             finally:
