@@ -3,13 +3,14 @@ upgrade renames one, this test names it (instead of a callback failing mid-run, 
 
 - callbacks/checkpointing.py  defers a step checkpoint to the validation at the same step
 - callbacks/throughput.py     continues ThroughputMonitor's totals after a resume
-- trainer/loggers.py          continues csv/metrics.csv instead of deleting it
+- trainer/loggers.py          continues csv/metrics.csv instead of deleting it; drops WandbLogger's `anonymous`
+- callbacks/progress.py       names the training bar (not "Epoch 0/-2") and logs through the bar's console
 """
 
 import lightning as L
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -34,5 +35,7 @@ def test_the_private_lightning_names_qkscope_uses_exist(trainer: L.Trainer, tmp_
         *missing(ThroughputMonitor(batch_size_fn=len), ("_batches", "_samples", "_lengths")),
         *missing(ExperimentWriter, ("_check_log_dir_exists", "_rewrite_with_new_header")),
         *missing(CSVLogger(str(tmp_path)), ("_experiment", "_fs")),
+        *missing(RichProgressBar(), ("_get_train_description", "_console")),
+        *missing(WandbLogger(save_dir=str(tmp_path)), ("_wandb_init",)),
     ]
     assert gone == [], f"Lightning {L.__version__} no longer has {gone}: update the modules listed above"

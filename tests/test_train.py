@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import ROOT, run_train, train_cmd, wandb_files
 from trainer.run_dir import run_id_from_overrides
-from trainer.wandb_records import history, metric_summaries, run_config, run_id, run_record
+from trainer.wandb_records import history, metric_summaries, read_records, run_config, run_id, run_record
 
 
 def checkpoint_step(path: Path) -> int:
@@ -20,11 +20,11 @@ def checkpoint_step(path: Path) -> int:
 
 
 def test_fit_logs_to_wandb_offline_and_marks_done(tmp_path: Path, corpus_cache: Path) -> None:
-    args = ("trainer=debug", "callbacks.throughput.window_size=2", f"paths.root={tmp_path}",
-            f"paths.cache_dir={corpus_cache}")
+    args = ("trainer=debug", "callbacks.throughput.window_size=2", "logger.wandb.log_model=true",
+            f"paths.root={tmp_path}", f"paths.cache_dir={corpus_cache}")
     proc = run_train(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "default" / "callbacks.throughput.window_size=2,trainer=debug"
+    run_dir = tmp_path / "default" / "callbacks.throughput.window_size=2,logger.wandb.log_model=true,trainer=debug"
     assert (run_dir / "DONE").exists()
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 6
     (wandb_file,) = wandb_files(run_dir)
@@ -32,7 +32,15 @@ def test_fit_logs_to_wandb_offline_and_marks_done(tmp_path: Path, corpus_cache: 
     rows = history(wandb_file)
     keys = {k for r in rows for k in r}
     assert {"train/loss", "val/loss", "val/ppl", "train/device/items_per_sec", "trainer/global_step"} <= keys
-    assert any(k.startswith("samples/") for k in keys)  # the generated-text table
+    samples = [r for r in rows if "samples/_type" in r]  # one table of generated text, grown at each validation
+    assert [(r["samples/_type"], r["samples/increment_num"], r["samples/nrows"]) for r in samples] == [
+        ("incremental-table-file", 0, 1), ("incremental-table-file", 1, 2)]
+    tokens = [(r["trainer/global_step"], r["train/tokens"]) for r in rows if "train/tokens" in r]
+    assert tokens == [(step, (step + 1) * 32 * 128) for step in range(6)]  # tokens seen, in the loss's rows
+    assert all("train/loss" in r for r in rows if "train/tokens" in r)  # so W&B can plot loss against tokens
+    models = [rec.artifact for rec in read_records(wandb_file) if rec.WhichOneof("record_type") == "artifact"
+              and rec.artifact.type == "model"]  # logger.wandb.log_model=true: the checkpoints as artifacts
+    assert {Path(m.path).name for a in models for m in a.manifest.contents} == {"model.ckpt"} and len(models) == 2
     rates = [(r["train/device/items_per_sec"], r["train/device/samples_per_sec"]) for r in rows
              if "train/device/items_per_sec" in r]
     assert rates and all(abs(i - 128 * s) <= 1e-6 * i for i, s in rates)  # items are tokens: samples x block

@@ -108,6 +108,7 @@ class LastCheckpointNode:
 class ProgressNode:
     _target_: str = MISSING
     leave: bool = MISSING
+    window: int = MISSING
 
 
 @dataclass

@@ -88,6 +88,9 @@ class LitGPT(L.LightningModule):
         self.model = GPT(self.model_config)
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
         self.flops_per_batch: int | None = None
+        self.tokens_seen = 0  # training tokens over all ranks, continued across resumes (the checkpoint has it)
+        # one sequence, so the model summary counts the real FLOPs of a forward pass
+        self.example_input_array = torch.zeros(1, self.model_config.block_size, dtype=torch.long)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
@@ -128,7 +131,9 @@ class LitGPT(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
+        self.tokens_seen += x.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)  # an x-axis for W&B
         # the learning rate of this step (every parameter group has the same; one curve, not one per group)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -158,6 +163,12 @@ class LitGPT(L.LightningModule):
         for logger in self.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="samples", columns=["step", "text"], data=[[self.global_step, text]])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
 
     def on_train_start(self) -> None:
         """Set every group's lr from the schedule at the step training starts from. A resumed run restores

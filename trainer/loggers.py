@@ -61,14 +61,37 @@ def check_writable(directory: Path, min_free_mb: float) -> None:
         raise OSError(f"{directory} has {free_mb:.1f} MB free, less than logger.wandb.min_free_mb={min_free_mb:g}")
 
 
+class GrowingTablesWandbLogger(WandbLogger):
+    """WandbLogger whose `log_text` adds its rows to one incremental W&B table per key (one table in the
+    UI that grows: every validation's text sample under `samples`) instead of a new one-row table each call."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)  # WandbLogger always passes it; W&B warns that it has no effect
+        self._tables: dict = {}
+
+    def log_text(self, key: str, columns: list[str] | None = None, data: list[list] | None = None,
+                 dataframe=None, step: int | None = None) -> None:
+        import wandb
+
+        if key not in self._tables:
+            self._tables[key] = wandb.Table(columns=columns, log_mode="INCREMENTAL")
+        table = self._tables[key]
+        for row in data or []:
+            table.add_data(*row)
+        self.log_metrics({key: table}, step)
+
+
 def wandb_logger(run_dir: str, project: str, name: str, group: str | None = None,
                  tags: list[str] | None = None, run_tags: list[str] | None = None,
-                 min_free_mb: float = 50.0) -> Logger:
+                 min_free_mb: float = 50.0, log_model: bool | str = False) -> Logger:
     """A WandbLogger whose run id lives in the run directory, so a resumed run continues it.
 
     If W&B cannot start (import, init or disk failure: `<run_dir>/wandb` unwritable or with less
     than `min_free_mb` free), training goes on with a CSVLogger in the same run directory and a
     warning says why. The W&B tags are `run_tags` (what the run is: variant, size) then the user's `tags`.
+    `log_model` is WandbLogger's: True uploads the checkpoints as artifacts when training ends, "all" at
+    every save (offline, they are recorded in the run and uploaded by `wandb sync`).
     """
     run = RunDirectory(run_dir)
     try:
@@ -80,10 +103,11 @@ def wandb_logger(run_dir: str, project: str, name: str, group: str | None = None
         if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
             settings["x_transaction_log_flush_interval"] = WANDB_FLUSH_SECONDS  # what a crash can lose
         all_tags = list(dict.fromkeys([*(run_tags or []), *(tags or [])]))  # in order, each once
-        logger = WandbLogger(
-            project=project, name=name, group=group, tags=all_tags, id=run_id, resume="allow",
-            save_dir=str(run.path), offline=wandb_mode() != "online", settings=wandb.Settings(**settings),
-        )
+        logger = GrowingTablesWandbLogger(
+            project=project, name=name, group=group, tags=all_tags, id=run_id, resume="allow", log_model=log_model,
+            save_dir=str(run.path), settings=wandb.Settings(**settings),
+        )  # the mode is in settings: WandbLogger's `offline` flag only sets WANDB_MODE, and refuses log_model
+        #   although an offline run records its artifacts for `wandb sync` to upload
         experiment = logger.experiment  # start W&B now, so a failure falls back before training
         for metric in ("val/loss", "val/ppl"):  # the run table and sweep views show the best value
             experiment.define_metric(metric, step_metric="trainer/global_step", step_sync=True, summary="min")

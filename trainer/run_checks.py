@@ -81,9 +81,9 @@ def check_trainer(trainer: DictConfig) -> None:
     clip = get("gradient_clip_val")
     if clip is not None and (not _is_number(clip) or clip < 0):
         raise ConfigError(f"trainer.gradient_clip_val={clip} is invalid; allowed: null or a finite number >= 0")
-    limit = get("limit_val_batches", 1.0)
-    if not _is_number(limit) or limit < 0:
-        raise ConfigError(f"trainer.limit_val_batches={limit} is invalid; allowed: a number >= 0")
+    limit = get("limit_val_batches")
+    if limit is not None and (not _is_number(limit) or limit < 0):
+        raise ConfigError(f"trainer.limit_val_batches={limit} is invalid; allowed: null or a number >= 0")
 
 
 def _writable(key: str, path: Path) -> None:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.config import ConfigError
 from trainer.checkpoint_io import CorruptCheckpointError, verify_checkpoint
 from trainer.config import validate
+from trainer.console import quiet_known_noise
 from trainer.distributed import is_global_zero
 from trainer.loggers import finish_wandb
 from trainer.run_checks import schedule_warning
@@ -92,6 +93,7 @@ def train(cfg: DictConfig, hydra_cfg: DictConfig, multirun: bool = False) -> flo
     hydra_cfg: the `hydra` node the run was composed with (recorded in .hydra/). Raises RunRefusedError,
     RunStoppedError or DiskFailureError (the module docstring's statuses 2, 3, 4). Tests call this in-process.
     """
+    quiet_known_noise()
     run = RunDirectory(cfg.paths.run_dir)
     exit_code = 1
     try:
