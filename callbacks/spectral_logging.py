@@ -10,7 +10,7 @@ import torch
 from analysis.spectral import SpectralAnalyzer, SpectralReport, benjamini_hochberg
 from analysis.spectral.health import HEAD_METRICS
 from analysis.spectral.logits import LogitStats
-from analysis.spectral.plots import esd_grid, layer_head_heatmap
+from analysis.spectral.plots import esd_grid, layer_head_heatmap, null_grid
 
 
 def logit_scalars(stats: LogitStats) -> dict[str, float]:
@@ -81,18 +81,17 @@ def wandb_payload(report: SpectralReport, step: int, analyzer: SpectralAnalyzer,
 
 
 def figures(report: SpectralReport, analyzer: SpectralAnalyzer) -> dict[str, Any]:
-    """Each kind's ESD per layer with the null density and edge, and its layer x head heatmap."""
+    """Each kind's ESD per layer on log axes with the null density, edge and spike threshold, and its layer x
+    head heatmap of λ_max/edge on a log colour scale with values."""
     figures = {}
     for kind, hs in report.heads.items():
         eigs, edge = hs.eigs.numpy(), hs.edge.numpy()
-        d, r = hs.top_u.shape[-1], eigs.shape[-1]
-        top = float(np.nanmax(eigs)) if np.isfinite(eigs).any() else 1.0
-        grid = torch.linspace(1e-3, max(top, float(np.nanmax(edge))) * 1.1, 256)
-        density = analyzer.null_density(kind, d, r, grid)  # None: a per-head null, edges only
-        figures[f"{kind}_esd"] = esd_grid(eigs, edge, grid.numpy(), None if density is None else density.numpy(),
-                                          title=f"{kind} ESD vs null")
+        grid = null_grid(eigs, edge)
+        density = analyzer.null_density(kind, hs.top_u.shape[-1], eigs.shape[-1], torch.from_numpy(grid))
+        figures[f"{kind}_esd"] = esd_grid(eigs, edge, grid, None if density is None else density.numpy(),
+                                          title=f"{kind} ESD vs null", log_x=True, threshold=hs.threshold.numpy())
         figures[f"{kind}_lambda_max_over_edge"] = layer_head_heatmap(
-            (hs.lambda_max / hs.edge).numpy(), f"{kind}: λ_max / edge")
+            (hs.lambda_max / hs.edge).numpy(), f"{kind}: λ_max / edge", log_color=True, annotate=True)
     return figures
 
 

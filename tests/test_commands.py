@@ -1,12 +1,16 @@
 """What a user types: --help of each entry point, and the surgery tools' one-line refusals."""
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import run_module
+from trainer.checkpoints import run_datamodule
 
 TOOLS = ("laser", "prune", "circuits", "evaluate", "sample")
 
@@ -62,3 +66,25 @@ def test_evaluate_and_sample_a_trained_checkpoint(surgery_checkpoint: Path, tmp_
     text = greedy[0].stdout.split("--- sample 1/1\n", 1)[1]
     assert text.startswith("And God said") and len(text) > len("And God said")
     assert greedy[0].stdout == greedy[1].stdout  # greedy decoding is deterministic
+
+
+def test_a_tool_started_elsewhere_finds_the_runs_relative_cache(surgery_checkpoint: Path, corpus_cache: Path,
+                                                                 tmp_path: Path, monkeypatch, caplog) -> None:
+    """A run with the default relative cache (`runs/cache`): a tool run from another directory resolves it
+    against the directory the run was started from (.hydra/hydra.yaml), and does not re-tokenize."""
+    run = tmp_path / "launch" / "runs" / "default" / "run"
+    shutil.copytree(surgery_checkpoint.parent.parent, run)
+    config = OmegaConf.load(run / ".hydra" / "config.yaml")
+    config.paths.cache_dir = f"runs/{corpus_cache.name}"  # relative, as the default is
+    OmegaConf.save(config, run / ".hydra" / "config.yaml")
+    hydra_yaml = OmegaConf.load(run / ".hydra" / "hydra.yaml")
+    hydra_yaml.hydra.runtime.cwd = str(tmp_path / "launch")
+    OmegaConf.save(hydra_yaml, run / ".hydra" / "hydra.yaml")
+    (tmp_path / "launch" / "runs" / corpus_cache.name).symlink_to(corpus_cache)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with caplog.at_level(logging.WARNING):
+        dm = run_datamodule(run / "checkpoints" / "last.ckpt")
+    assert Path(dm.config.cache_dir) == tmp_path / "launch" / "runs" / corpus_cache.name
+    assert "tokenizing the corpus again" not in caplog.text and not (elsewhere / "runs").exists()

@@ -204,9 +204,12 @@ def test_killed_sweep_resumes_skips_done_and_starts_missing(tmp_path: Path, corp
     # the figures plot compare.json's numbers; each PNG is its figure (at the report's 110 dpi), a real image
     loss, throughput, kv_bytes, spikes = drawn
     lines = {line.get_label(): line.get_data() for line in loss.axes[0].get_lines()}
-    assert lines.keys() == set(labels)
+    assert lines.keys() == set(labels) | {f"_train {label}" for label in labels}
     for r in result["runs"]:
         assert [list(map(float, xs)) for xs in lines[r["label"]]] == [r["val_loss"]["steps"], r["val_loss"]["values"]]
+        train = [list(map(float, xs)) for xs in lines[f"_train {r['label']}"]]
+        assert train == [r["train_loss"]["steps"], r["train_loss"]["values"]] and len(train[0]) >= 3
+        assert 0 < r["eff_rank"] <= 32 and set(r["alerts"]) == {"INFO", "WARN", "ERROR"}
     for fig, values in ((throughput, [r["tokens_per_sec"] for r in result["runs"]]),
                         (kv_bytes, [r["kv_cache_bytes"]["marginal"] for r in result["runs"]])):
         (ax,) = fig.axes
@@ -227,6 +230,8 @@ def test_killed_sweep_resumes_skips_done_and_starts_missing(tmp_path: Path, corp
     assert page.title == "sweep attention_variants: 3 runs"
     assert page.rows[0][:3] == ["variant", "status", "final val/loss"]
     assert page.rows[1:] == [[r["label"], r["status"], f"{r['val_loss']['values'][-1]:.4g}",
+                              f"{r['train_loss']['values'][-1]:.4g}", f"{r['eff_rank']:.4g}",
+                              " / ".join(str(r["alerts"][lv]) for lv in ("INFO", "WARN", "ERROR")),
                               f"{r['tokens_per_sec']:.0f}", f"{r['kv_cache_bytes']['marginal']:.0f}",
                               f"{r['kv_cache_bytes']['per_token']:.1f}",
                               str(int(np.array(r["spikes_per_layer"]["counts"])[-1].sum())), r["dir"]]

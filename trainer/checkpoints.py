@@ -77,15 +77,28 @@ def run_config(ckpt: str | Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
+def launch_dir(ckpt: str | Path) -> Path | None:
+    """The directory the run that wrote `ckpt` was started from (`hydra.runtime.cwd` in .hydra/hydra.yaml)."""
+    path = run_dir_of(ckpt) / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    cwd = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.cwd")
+    return Path(cwd) if cwd else None
+
+
 def run_datamodule(ckpt: str | Path, cache_dir: str | None = None) -> TextDataModule:
     """The run's `TextDataModule`, set up (tokenizer and token arrays from its cache directory).
 
-    `cache_dir` overrides the run's `data.cache_dir` (a relative one is resolved against the
-    current directory; if it is missing the corpus is re-tokenized there, deterministically).
+    The run's own `data.cache_dir`, when relative (the default `runs/cache`), is resolved against the
+    directory the run was started from, so a tool started anywhere finds the cache instead of
+    re-tokenizing. `cache_dir` overrides it (a relative one is resolved against the current
+    directory; if it is missing the corpus is re-tokenized there, deterministically).
     """
     data = OmegaConf.to_container(run_config(ckpt).data, resolve=True)  # ${seed}, ${paths.cache_dir}
     if cache_dir is not None:
         data["cache_dir"] = str(cache_dir)
+    elif not Path(data["cache_dir"]).is_absolute() and (base := launch_dir(ckpt)) is not None:
+        data["cache_dir"] = str(base / data["cache_dir"])
     if not Path(data["cache_dir"]).is_dir():
         log.warning("data cache %s not found; tokenizing the corpus again", data["cache_dir"])
     dm = instantiate(OmegaConf.create(data))

@@ -7,6 +7,7 @@ its spectral history and renders the comparison with analysis/study/compare.py.
 """
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
@@ -99,9 +100,9 @@ def model_from_checkpoint(path: str | Path) -> "GPT":
 
 
 def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Compare a sweep's runs: val loss curves, tokens/s, KV-cache bytes/token/layer measured on
-    each run's model, spectral spikes per layer over time. Writes PNGs, index.html and
-    compare.json to `out_dir` (default <sweep_dir>/report) and returns compare.json's content."""
+    """Compare a sweep's runs: val and train loss curves, tokens/s, KV-cache bytes/token/layer measured on
+    each run's model, spectral spikes per layer over time, effective rank at the last check, alert counts.
+    Writes PNGs, index.html and compare.json to `out_dir` (default <sweep_dir>/report); returns compare.json."""
     import matplotlib.pyplot as plt
 
     from analysis.spectral.history import CHECK_GLOB, load_history
@@ -129,9 +130,15 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
                 v.kv_bytes = compare.kv_cache_bytes(model_from_checkpoint(run.last_checkpoint))
             except CorruptCheckpointError as e:
                 log.error("%s: no KV-cache figure: %s", job.name, e)
+        steps, values = compare.series(rows, "train/loss")
+        v.train_loss = (steps, values) if len(steps) else None
         if any(run.spectra_dir.glob(CHECK_GLOB)):
             hist = load_history(run.spectra_dir)
             v.spikes = (np.array(hist.steps), hist.per_layer("content", "num_spikes", "sum"))
+            v.eff_rank = float(np.nanmean(hist.latest("content")["eff_rank"]))
+        lines = run.alerts_file.read_text().splitlines() if run.alerts_file.exists() else []
+        levels = [json.loads(line)["level"] for line in lines if line.strip()]
+        v.alerts = {level: levels.count(level) for level in ("INFO", "WARN", "ERROR")}
         variants.append(v)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +163,9 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         "val_loss": {"steps": v.val_loss[0].tolist(), "values": v.val_loss[1].tolist()} if v.val_loss else None,
         "tokens_per_sec": v.tokens_per_sec, "kv_cache_bytes": v.kv_bytes,
         "spikes_per_layer": {"steps": v.spikes[0].tolist(), "counts": v.spikes[1].tolist()} if v.spikes else None,
+        "train_loss": {"steps": v.train_loss[0].tolist(), "values": v.train_loss[1].tolist()}
+        if v.train_loss else None,
+        "eff_rank": v.eff_rank, "alerts": v.alerts,
     } for v in variants], "files": sorted([*figures, "index.html"])}
     write_json(out / "compare.json", result)
     return result

@@ -43,13 +43,14 @@ def write_check(spectra_dir: str | Path, step: int, arrays: Mapping[str, np.ndar
 
 
 def write_report(spectra_dir: str | Path, step: int, report: "SpectralReport") -> Path:
-    """One spectral check's report as a check file: every kind's eigenvalues and per-head metrics
-    (HEAD_METRICS, threshold, finite), the factor spectra and the layer sums."""
+    """One spectral check's report as a check file: every kind's eigenvalues, input dimension and per-head
+    metrics (HEAD_METRICS, threshold, finite), the factor spectra and the layer sums."""
     arrays = {}
     if report.layer_sum.numel():
         arrays["layer_sum"] = report.layer_sum.numpy()
     for kind, hs in report.heads.items():
         arrays[f"{kind}/eigs"] = hs.eigs.numpy()
+        arrays[f"{kind}/input_dim"] = np.array(hs.top_u.shape[-1])  # d of the d x r factors: the null's aspect r/d
         for name in (*HEAD_METRICS, "threshold", "finite"):
             arrays[f"{kind}/{name}"] = getattr(hs, name).numpy()
     for name, sv in report.factors.items():

@@ -7,13 +7,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 
+def null_grid(eigs: np.ndarray, edge: np.ndarray, points: int = 256) -> np.ndarray:
+    """Log-spaced λ from 1e-3 to 1.1 x the largest eigenvalue or edge: where a null density is drawn."""
+    top = max(float(np.nanmax(eigs)) if np.isfinite(eigs).any() else 1.0,
+              float(np.nanmax(edge)) if np.isfinite(edge).any() else 1.0)
+    return np.geomspace(1e-3, max(top, 2e-3) * 1.1, points)
+
+
 def esd_grid(eigs: np.ndarray, edge: np.ndarray, null_grid: np.ndarray | None = None,
-             null_density: np.ndarray | None = None, title: str = "") -> Figure:
+             null_density: np.ndarray | None = None, title: str = "", log_x: bool = False,
+             threshold: np.ndarray | None = None) -> Figure:
     """One panel per layer: histogram of all heads' normalised eigenvalues λ (eigs: (L, H, r)),
-    the null density on `null_grid` and the median bulk edge of the layer's heads."""
+    the null density on `null_grid`, the median bulk edge of the layer's heads and, given (L, H)
+    `threshold`, the median spike threshold. With `log_x` the bins are log-spaced and both axes
+    logarithmic, so a bulk near 1 and outliers near 10^3 are both visible."""
     L = eigs.shape[0]
     cols = min(L, 4)
     rows = -(-L // cols)
@@ -24,27 +35,49 @@ def esd_grid(eigs: np.ndarray, edge: np.ndarray, null_grid: np.ndarray | None = 
             continue
         values = eigs[layer].ravel()
         values = values[np.isfinite(values)]
+        if log_x:
+            values = values[values > 0]
         if values.size:
-            ax.hist(values, bins=40, density=True, color="tab:blue", alpha=0.6, label="ESD")
+            bins = np.geomspace(max(values.min(), 1e-6), values.max() * 1.01, 50) if log_x and values.max() > 0 else 40
+            ax.hist(values, bins=bins, density=True, color="tab:blue", alpha=0.6, label="ESD")
         if null_grid is not None and null_density is not None:
-            ax.plot(null_grid, null_density, color="black", lw=1, label="null")
-        ax.axvline(float(np.nanmedian(edge[layer])), color="tab:red", ls="--", lw=1, label="edge")
+            shown = null_density > 0 if log_x else slice(None)
+            ax.plot(null_grid[shown], null_density[shown], color="black", lw=1, label="null density")
+        ax.axvline(float(np.nanmedian(edge[layer])), color="tab:red", ls="--", lw=1, label="bulk edge")
+        if threshold is not None:
+            ax.axvline(float(np.nanmedian(threshold[layer])), color="tab:orange", ls=":", lw=1.2,
+                       label="spike threshold")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_yscale("log")
+        if log_x:
+            ax.set_xscale("log")
+            ax.set_xlabel("λ (normalised)", fontsize=8)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def layer_head_heatmap(values: np.ndarray, title: str, label: str = "λ_max / edge") -> Figure:
-    """A (L, H) grid, e.g. λ_max over the bulk edge per head; values > 1 are beyond the edge."""
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * values.shape[1], 1.0 + 0.4 * values.shape[0]))
-    im = ax.imshow(values, cmap="magma", aspect="auto")
+def layer_head_heatmap(values: np.ndarray, title: str, label: str = "λ_max / edge", log_color: bool = False,
+                       annotate: bool = False) -> Figure:
+    """A (L, H) grid, e.g. λ_max over the bulk edge per head; values > 1 are beyond the edge. With
+    `log_color` the colour scale is logarithmic (one extreme head does not wash out the rest); with
+    `annotate` each cell shows its value."""
+    fig, ax = plt.subplots(figsize=(1.4 + 0.6 * values.shape[1], 1.0 + 0.45 * values.shape[0]))
+    positive = values[np.isfinite(values) & (values > 0)]
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if log_color and positive.size else None
+    im = ax.imshow(values, cmap="magma", aspect="auto", norm=norm)
+    if annotate:
+        mid = np.sqrt(positive.min() * positive.max()) if log_color and positive.size else np.nanmean(values)
+        for (layer, head), v in np.ndenumerate(values):
+            ax.text(head, layer, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                    color="black" if np.isfinite(v) and v > mid else "white")
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_yticks(range(values.shape[0]))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label=label)
+    fig.colorbar(im, ax=ax, label=label + (" (log scale)" if norm is not None else ""))
     fig.tight_layout()
     return fig
 
@@ -83,7 +116,7 @@ def loss_with_alerts(curves: dict[str, tuple[np.ndarray, np.ndarray]], alerts: S
     x for WARN/ERROR, a small dot for INFO, labelled with the rule."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for name, (steps, values) in curves.items():
-        ax.plot(steps, values, label=name)
+        ax.plot(steps, values, label=name, marker="o" if len(steps) < 30 else None, ms=3)
     steps, values = next(iter(curves.values()))
     for level, marker, colour in (("INFO", ".", "tab:gray"), ("WARN", "x", "tab:red"), ("ERROR", "X", "black")):
         hits = [a for a in alerts if a["level"] == level]

@@ -26,6 +26,9 @@ class Variant:
     tokens_per_sec: float | None = None  # median training throughput
     kv_bytes: dict[str, float] = field(default_factory=dict)  # see kv_cache_bytes
     spikes: tuple[np.ndarray, np.ndarray] | None = None  # (steps, (S, L) spike counts per layer)
+    train_loss: tuple[np.ndarray, np.ndarray] | None = None  # (steps, values)
+    eff_rank: float | None = None  # mean effective rank of the content heads at the last check
+    alerts: dict[str, int] = field(default_factory=dict)  # alert count per level
 
 
 def variant_labels(overrides: Mapping[str, Sequence[str]]) -> dict[str, str]:
@@ -79,11 +82,14 @@ def _colors(n: int) -> list:
 
 
 def loss_figure(variants: Sequence[Variant]):
+    """Validation loss (markers) and training loss (thin line, same colour) of every run."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v, color in zip(variants, _colors(len(variants)), strict=True):
+        if v.train_loss is not None and len(v.train_loss[0]):
+            ax.plot(*v.train_loss, lw=0.8, alpha=0.5, color=color, label=f"_train {v.label}")  # _: not in legend
         if v.val_loss is not None and len(v.val_loss[0]):
             ax.plot(*v.val_loss, marker="o", ms=3, color=color, label=v.label)
-    ax.set(xlabel="optimizer step", ylabel="val/loss", title="validation loss")
+    ax.set(xlabel="optimizer step", ylabel="loss", title="validation loss (markers) and train loss (thin)")
     ax.grid(alpha=0.3)
     if ax.has_data():
         ax.legend(fontsize=8)
@@ -133,11 +139,15 @@ def html_page(title: str, variants: Sequence[Variant], images: Sequence[tuple[st
     for v in variants:
         final = float(v.val_loss[1][-1]) if v.val_loss is not None and len(v.val_loss[1]) else None
         last_spikes = int(v.spikes[1][-1].sum()) if v.spikes is not None else None
+        train = float(v.train_loss[1][-1]) if v.train_loss is not None and len(v.train_loss[1]) else None
+        alerts = " / ".join(str(v.alerts.get(level, 0)) for level in ("INFO", "WARN", "ERROR"))
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
-            cell(v.label), cell(v.status), cell(final), cell(v.tokens_per_sec, "{:.0f}"),
+            cell(v.label), cell(v.status), cell(final), cell(train), cell(v.eff_rank), cell(alerts),
+            cell(v.tokens_per_sec, "{:.0f}"),
             cell(v.kv_bytes.get("marginal"), "{:.0f}"), cell(v.kv_bytes.get("per_token"), "{:.1f}"),
             cell(last_spikes), f"<code>{html.escape(v.dir)}</code>")) + "</tr>")
-    head = ("variant", "status", "final val/loss", "tokens/s", "KV bytes/token/layer",
+    head = ("variant", "status", "final val/loss", "final train/loss", "effective rank (last check)",
+            "alerts INFO / WARN / ERROR", "tokens/s", "KV bytes/token/layer",
             "cache bytes/token/layer (16-token prefill)", "spikes at last check", "run directory")
     figures = "\n".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}'
                         "</figcaption></figure>" for f, c in images)
