@@ -143,7 +143,8 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
     out.mkdir(parents=True, exist_ok=True)
     figures = {
-        "val_loss.png": (compare.loss_figure(variants), "validation loss over optimizer steps"),
+        "val_loss.png": (compare.loss_figure(variants),
+                         "validation loss (markers) and training loss (thin lines) over optimizer steps"),
         "tokens_per_sec.png": (compare.bar_figure(variants, [v.tokens_per_sec for v in variants], "tokens/s",
                                                   "training throughput (median, train/device/items_per_sec)"),
                                "training throughput"),
