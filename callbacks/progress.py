@@ -40,8 +40,8 @@ class TrainingProgressBar(RichProgressBar):
     bar's own console, so log records appear above the live bar (the file log is untouched).
 
     tok/s is the training tokens (all ranks) per second over the last `window` batches; MFU is
-    flops_per_batch (the module's attribute, all ranks) x batches/s over the peak FLOP/s that Lightning's
-    ThroughputMonitor found for the device (none on CPU, so no MFU there).
+    flops_per_batch (the module's attribute: one device's batch) x batches/s over the peak FLOP/s of one
+    device that Lightning's ThroughputMonitor found (none on CPU, so no MFU there).
     """
 
     def __init__(self, leave: bool = True, window: int = 20, **kwargs: Any) -> None:
@@ -86,7 +86,7 @@ class TrainingProgressBar(RichProgressBar):
                 peak = next((c.available_flops for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
                 flops = getattr(pl_module, "flops_per_batch", None)
                 if peak and flops:
-                    mfu = flops * trainer.world_size * batches / (t1 - t0) / (peak * trainer.world_size)
+                    mfu = flops * batches / (t1 - t0) / peak  # per device: every rank runs the same batches
         return bar_metrics(metrics, lr, rate, mfu)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
