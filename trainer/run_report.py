@@ -8,7 +8,6 @@ analysis/spectral/plots.py, the page from analysis/study/html_page.py.
 """
 
 import html
-import json
 from pathlib import Path
 
 import torch
@@ -28,16 +27,9 @@ from analysis.spectral.plots import (
 from analysis.study.compare import series
 from analysis.study.html_page import figure_html, page, table_html
 from trainer.run_dir import RunDirectory
-from trainer.run_results import metric_rows
+from trainer.run_results import metric_rows, read_alerts
 
 ALERT_TEXT_CHARS = 240  # of an alert's text in the table; alerts.jsonl has all of it
-
-
-def read_alerts(run: RunDirectory) -> list[dict]:
-    """The run's alert records (alerts.jsonl), oldest first."""
-    if not run.alerts_file.exists():
-        return []
-    return [json.loads(line) for line in run.alerts_file.read_text().splitlines() if line.strip()]
 
 
 def alerts_section(alerts: list[dict]) -> str:

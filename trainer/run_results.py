@@ -90,6 +90,13 @@ def _numeric_row(row: dict[str | None, str | list[str] | None]) -> dict[str, flo
     return out
 
 
+def read_alerts(run: RunDirectory) -> list[dict]:
+    """The run's alert records (alerts.jsonl), oldest first."""
+    if not run.alerts_file.exists():
+        return []
+    return [json.loads(line) for line in run.alerts_file.read_text().splitlines() if line.strip()]
+
+
 def model_from_checkpoint(path: str | Path) -> "GPT":
     """The GPT a LitGPT checkpoint holds, rebuilt from its hyper_parameters, with its weights.
 
@@ -136,8 +143,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
             hist = load_history(run.spectra_dir)
             v.spikes = (np.array(hist.steps), hist.per_layer("content", "num_spikes", "sum"))
             v.eff_rank = float(np.nanmean(hist.latest("content")["eff_rank"]))
-        lines = run.alerts_file.read_text().splitlines() if run.alerts_file.exists() else []
-        levels = [json.loads(line)["level"] for line in lines if line.strip()]
+        levels = [a["level"] for a in read_alerts(run)]
         v.alerts = {level: levels.count(level) for level in ("INFO", "WARN", "ERROR")}
         variants.append(v)
 
