@@ -1,4 +1,4 @@
-"""RMSNorm's written-out backward against autograd of its formula; RoPE's rotation properties."""
+"""RMSNorm's and RoPE's written-out backwards against autograd of their formulas; RoPE's rotation properties."""
 
 import pytest
 import torch
@@ -32,6 +32,26 @@ def test_rmsnorm_gradcheck() -> None:
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     w = norm.weight.detach().clone().uniform_(0.5, 1.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), (x, w))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (4, 7, 16)])
+def test_rope_backward_matches_autograd_of_the_textbook_formula(shape: tuple[int, ...]) -> None:
+    """The eager path (written-out backward) against x1 cos - x2 sin, x2 cos + x1 sin through autograd, from start 3."""
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(shape[-1], max_len=16).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(shape, dtype=torch.float64)
+    ours = rope(x, start=3)
+    ours.backward(dy)
+    gx, x.grad = x.grad.clone(), None
+    T, half = shape[-2], shape[-1] // 2
+    cos, sin = rope.cos[3 : 3 + T, :half], rope.sin[3 : 3 + T, :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    ref = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    ref.backward(dy)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: rope(x, start=3), (x.detach().requires_grad_(),))
 
 
 def test_rope_preserves_norms_and_relative_positions() -> None:

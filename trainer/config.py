@@ -53,6 +53,7 @@ class ModuleNode:
     optim: OptimConfig = MISSING  # ${optim}
     sample_prompt: str = MISSING
     sample_tokens: int = MISSING
+    compile: bool = MISSING
 
 
 @dataclass

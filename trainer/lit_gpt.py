@@ -2,13 +2,16 @@
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
+from torch._dynamo.exc import TorchDynamoException
+from torch._inductor.exc import InvalidCxxCompiler
 
 from models import GPT, AttentionConfig, GPTConfig, LogitTerm, QKFactors
 
@@ -72,8 +75,22 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (_plain(v) if isinstance(v, dict) else getattr(v, "value", v)) for k, v in d.items()}
 
 
+def next_token_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of a batch: what module.compile hands torch.compile (a function of the model,
+    so the compiled wrapper is no submodule and the module's state_dict keeps its names)."""
+    return model(x, y)[1]
+
+
+class CompileError(RuntimeError):
+    """torch.compile could not build the model's step (no C++ compiler, or an op it cannot trace)."""
+
+
+COMPILE_ERRORS = (TorchDynamoException, InvalidCxxCompiler)
+
+
 class LitGPT(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, sample_prompt: str = "", sample_tokens: int = 0) -> None:
+    def __init__(self, model: dict, optim: dict, sample_prompt: str = "", sample_tokens: int = 0,
+                 compile: bool = False) -> None:
         super().__init__()
         model = dict(model)
         attention = AttentionConfig(**dict(model.pop("attention")))
@@ -86,6 +103,15 @@ class LitGPT(L.LightningModule):
             "sample_tokens": sample_tokens,
         }, logger=False)  # in the checkpoint only: the loggers get the whole resolved config once (train.py)
         self.model = GPT(self.model_config)
+        # module.compile: the training and validation steps call the model through torch.compile (one
+        # graph per variant, fullgraph); self.model itself stays the eager module, so checkpoints keep its
+        # parameter names and generate(), the spectral probe and the tools run eagerly. A run-time choice,
+        # not part of the model: left out of the checkpoint's hyper_parameters.
+        self.compiled = compile
+        if compile:  # a fresh compile cache: multirun jobs share a process, and dynamo falls back to eager
+            torch._dynamo.reset()  # silently past its recompile limit (8 graphs per function)
+        self._loss_of: Callable = torch.compile(next_token_loss, fullgraph=True) if compile else next_token_loss
+        self._first_step_start: dict[str, float] = {}  # "train"/"val" -> start of its first (compiling) step
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
         self.flops_per_batch: int | None = None
         self.tokens_seen = 0  # training tokens over all ranks, continued across resumes (the checkpoint has it)
@@ -128,9 +154,43 @@ class LitGPT(L.LightningModule):
             x = torch.randint(0, self.model_config.vocab_size, (dm.config.batch_size, dm.config.block_size))
         self.flops_per_batch = measure_flops(meta_model, lambda: meta_model(x, x)[1], loss_fn=torch.Tensor.sum)
 
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of a batch, through the compiled forward when module.compile is set."""
+        try:
+            return self._loss_of(self.model, x, y)
+        except COMPILE_ERRORS as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CompileError(f"torch.compile failed for attention={self.model_config.attention.name.value} "
+                               f"(fullgraph): {reason}. Train eagerly with module.compile=false") from e
+
+    def _time_first_step(self, stage: str, end: bool) -> None:
+        """Log once per stage how long the first compiled step took (compiling its graphs included)."""
+        if not self.compiled or (stage in self._first_step_start) != end:
+            return
+        if not end:
+            self._first_step_start[stage] = time.perf_counter()
+        elif self._first_step_start[stage] > 0:
+            seconds = time.perf_counter() - self._first_step_start[stage]
+            self._first_step_start[stage] = 0.0
+            log.info("torch.compile: first %s step %.1f s, compiling the attention=%s graph (fullgraph)",
+                     "training" if stage == "train" else "validation", seconds,
+                     self.model_config.attention.name.value)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._time_first_step("train", end=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._time_first_step("train", end=True)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._time_first_step("val", end=False)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._time_first_step("val", end=True)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        _, loss = self.model(x, y)
+        loss = self._loss(x, y)
         self.tokens_seen += x.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)  # an x-axis for W&B
@@ -140,7 +200,7 @@ class LitGPT(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        _, loss = self.model(x, y)
+        loss = self._loss(x, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

@@ -6,6 +6,7 @@ fit, mark the run done. Exit status of a single run:
     0  trained to trainer.max_steps (DONE), or DONE already: nothing to do
     2  refused before any work: a bad value (named with what is allowed), a run directory in use
        by another process, or a command that does not fit the run's plan (run.json)
+    1  failed: an exception (traceback), or torch.compile could not compile the model (one error line)
     3  stopped early, not DONE: divergence or an alert's `stop` action (the reason is printed)
     4  the disk of the run directory filled up or became read-only; the last checkpoint is
        intact and rerunning the command resumes from it
@@ -33,6 +34,7 @@ from trainer.checkpoint_io import CorruptCheckpointError, verify_checkpoint
 from trainer.config import validate
 from trainer.console import quiet_known_noise
 from trainer.distributed import is_global_zero
+from trainer.lit_gpt import CompileError
 from trainer.loggers import finish_wandb
 from trainer.run_checks import schedule_warning
 from trainer.run_dir import RunDirectory, RunDirectoryError
@@ -158,6 +160,8 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig, run: RunDirectory, multirun: 
         if trainer.global_step >= max_steps and not _saved_at(trainer, run.last_checkpoint):
             # the full state (optimizer too); every rank takes part (FSDP gathers), rank 0 writes
             trainer.save_checkpoint(run.last_checkpoint, weights_only=False)
+    except CompileError as e:
+        raise RunEndedError(f"{e}. The run is not DONE; its last checkpoint (if any) resumes eager or compiled") from e
     except (OSError, RuntimeError) as e:
         if not _disk_failure(e):
             raise
