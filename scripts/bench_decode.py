@@ -9,6 +9,9 @@ Decode paths:
   latent+up     MLA caching c_KV + k_R but up-projecting every cached latent to per-head k, v each
                 step (the non-absorbed use of the same cache)
   no cache      recompute the whole window every step (what generate(use_cache=False) does)
+  compiled      the cache path through torch.compile(model.forward, dynamic=True, fullgraph=True): one
+                graph whose cache length is symbolic (the second step recompiles it so; both are
+                untimed warm-up, and their seconds are reported as compile_s)
 Rounds interleave the variants (each round decodes from the same prefilled cache) and the
 fastest round of each is reported (the median too, in the JSON): on a shared machine the
 fastest round is the least disturbed one, and interleaving puts all variants under one load.
@@ -18,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -33,7 +37,10 @@ VARIANTS = {  # row name -> (attention config, decode path)
     "mla no cache": ({"name": "mla"}, "no cache"),
     "mla_prerope": ({"name": "mla_prerope"}, "cache"),
     "mla_kv_shift absorbed": ({"name": "mla_kv_shift"}, "cache"),
+    "mha compiled": ({"name": "mha"}, "compiled"),
+    "mla absorbed compiled": ({"name": "mla"}, "compiled"),
 }
+COMPILE_WARMUP = 2  # decode steps before timing a compiled path: the static graph, then the dynamic one
 
 
 def snapshot(cache: KVCache) -> KVCache:
@@ -46,14 +53,16 @@ def snapshot(cache: KVCache) -> KVCache:
 
 
 @torch.no_grad()
-def decode(model: GPT, idx: torch.Tensor, cache: KVCache | None, steps: int) -> float:
-    """Seconds per greedy step of one token (with the cache, or recomputing the window)."""
+def decode(model: GPT, idx: torch.Tensor, cache: KVCache | None, steps: int, forward: Any = None) -> float:
+    """Seconds per greedy step of one token (with the cache, or recomputing the window); `forward` replaces
+    the model's call (a compiled forward)."""
+    forward = forward or model
     t0 = time.perf_counter()
     for _ in range(steps):
         if cache is None:
-            logits = model(idx[:, -model.config.block_size :])[0]
+            logits = forward(idx[:, -model.config.block_size :])[0]
         else:
-            logits = model(idx[:, -1:], cache=cache)[0]
+            logits = forward(idx[:, -1:], cache=cache)[0]
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return (time.perf_counter() - t0) / steps
 
@@ -95,21 +104,25 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.no_grad():
                 model(idx, cache=cache)
-            runs[name] = (model, path, cache, time.perf_counter() - t0, [])
+            prefill_s, forward, compile_s = time.perf_counter() - t0, None, 0.0
+            if path == "compiled":
+                forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
+                compile_s = COMPILE_WARMUP * decode(model, idx, snapshot(cache), COMPILE_WARMUP, forward)
+            runs[name] = (model, path, cache, prefill_s, [], forward, compile_s)
         for _ in range(args.rounds):
-            for model, path, cache, _, times in runs.values():
+            for model, path, cache, _, times, forward, _ in runs.values():
                 steps = args.no_cache_steps if path == "no cache" else args.new_tokens
-                dt = decode(model, idx, None if path == "no cache" else snapshot(cache), steps)
+                dt = decode(model, idx, None if path == "no cache" else snapshot(cache), steps, forward)
                 times.append(dt)
         mha_step = min(runs["mha"][4])
-        for name, (_, path, cache, prefill_s, times) in runs.items():
+        for name, (_, path, cache, prefill_s, times, _, compile_s) in runs.items():
             step = min(times)
             per_token = layer_bytes_per_token(cache) / B if path != "no cache" else 0.0
             rows.append({
                 "variant": name, "path": path, "batch": B, "context": args.context,
                 "tokens_per_s": B / step, "step_ms": 1e3 * step, "speed_vs_mha": mha_step / step,
                 "tokens_per_s_median": B / statistics.median(times), "step_ms_rounds": [1e3 * t for t in times],
-                "prefill_s": prefill_s,
+                "prefill_s": prefill_s, "compile_s": compile_s,
                 "cache_mib": cache.nbytes() / 2**20 if path != "no cache" else 0.0,
                 "cache_bytes_per_token_per_layer": per_token,
                 "cache_vs_mha": per_token / (layer_bytes_per_token(runs["mha"][2]) / B),

@@ -1,4 +1,4 @@
-"""Training-step throughput and peak memory: Lightning vs a plain PyTorch loop vs nanoGPT.
+"""Training-step throughput and peak memory: Lightning vs a plain PyTorch loop vs nanoGPT, eager and compiled.
 
     python -m scripts.bench_train [--out results/bench_train.json] [--nanogpt PATH_TO_NANOGPT]
                                   [--sizes tiny small] [--variants mha gqa mla ...] [--steps 10]
@@ -7,21 +7,26 @@ Every row is one (size, attention) configuration composed from the real Hydra co
 (conf/train.yaml with `model=SIZE attention=VARIANT`), fed by the real KJV DataModule, fp32 on
 CPU. Each implementation runs in its own subprocess (so its peak RSS is its own):
 
-  lightning  the LightningModule under a real `lightning.Trainer` with the default callbacks
-             (checkpoints, LR monitor, throughput, spectral health) and the CSV logger
-  plain      the same model, batches, AdamW groups, LR schedule and gradient clipping in a
-             hand-written loop: the framework's overhead is lightning / plain
-  nanogpt    nanoGPT's `model.py` (--nanogpt: a clone of github.com/karpathy/nanoGPT) at the
-             same d_model, layers, heads, block, batch, vocabulary (bias off, tied embeddings),
-             its own AdamW from `configure_optimizers`; compared with `plain` on MHA with a
-             GELU MLP of width 4 d_model, its architecture except RMSNorm/RoPE vs LayerNorm/
-             learned positions
+  lightning   the LightningModule under a real `lightning.Trainer` with the default callbacks
+              (checkpoints, LR monitor, throughput, spectral health) and the CSV logger
+  lightning+compile  the same with module.compile=true (torch.compile of the loss, fullgraph)
+  plain       the same model, batches, AdamW groups, LR schedule and gradient clipping in a
+              hand-written loop: the framework's overhead is lightning / plain
 
-  interleaved  (with --nanogpt) `plain` and `nanogpt` in one process, a step of each in turn on
-             the same batch, `--pair-steps` each: the median per-pair ratio is the comparison
-             with nanoGPT (separate processes minutes apart see different machine loads)
+  interleaved (with --nanogpt) qkscope's `plain` loop and nanoGPT's `model.py` (a clone of
+              github.com/karpathy/nanoGPT; same d_model, layers, heads, block, batch, vocabulary,
+              bias off, tied embeddings, its own AdamW from `configure_optimizers`) in one process,
+              a step of each in turn on the same batch, `--pair-steps` each, both eager and then
+              both compiled (nanoGPT compiled as its train.py does, `torch.compile(model)`).
+              qkscope runs MHA with nanoGPT's MLP (GELU, 4 d_model): what differs is RMSNorm/RoPE
+              against LayerNorm/learned positions. The median per-pair ratio is the comparison
+              (separate processes minutes apart see different machine loads).
 
-Steps after `--warmup` are timed by wall clock (data, forward, backward, clip, optimizer step).
+Steps after `--warmup` are timed by wall clock (data, forward, backward, clip, optimizer step); the
+first step is timed on its own (with compile: tracing and compiling the forward and backward).
+Every compiling worker starts from an empty inductor cache (TORCHINDUCTOR_CACHE_DIR in a fresh
+temporary directory), so its first step is what a first run pays. From eager and compiled step
+times and first steps, `payoff_steps` is the run length from which compiling is faster overall.
 Implementations of one configuration run back to back, `--rounds` times interleaved; the fastest
 round of each is reported (the least disturbed on a shared machine) and ratios are taken within
 that configuration. Peak memory: the worker's max RSS, and the growth above the RSS before the
@@ -40,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import lightning as L
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("tiny", "small")
@@ -65,7 +72,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _compose(size: str, variant: str, run_dir: Path) -> Any:
+def compose_config(size: str, variant: str, run_dir: Path, extra: tuple[str, ...] = ()) -> Any:
     """The training config for a row; variant "mha-gelu" is MHA with nanoGPT's MLP (GELU, 4 d_model)."""
     from hydra import compose, initialize_config_dir
 
@@ -73,7 +80,7 @@ def _compose(size: str, variant: str, run_dir: Path) -> Any:
 
     overrides = [f"model={size}", f"attention={variant.removesuffix('-gelu')}", "logger=csv",
                  f"paths.run_dir={run_dir}", f"paths.root={run_dir.parent}",
-                 f"paths.cache_dir={ROOT / 'runs' / 'cache'}", "callbacks.progress=null"]
+                 f"paths.cache_dir={ROOT / 'runs' / 'cache'}", "callbacks.progress=null", *extra]
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("train", overrides=overrides)
     if variant.endswith("-gelu"):
@@ -91,11 +98,11 @@ def _batches(cfg: Any) -> Any:
     return iter(dm.train_dataloader())
 
 
-def _train_step(model: Any, opt: Any, sched: Any, x: Any, y: Any) -> None:
-    """One step as the LightningModule takes it: loss, backward, clip at 1.0, AdamW, schedule."""
+def _train_step(model: Any, opt: Any, sched: Any, x: Any, y: Any, loss_of: Any) -> None:
+    """One step as the LightningModule takes it: loss_of(model, x, y), backward, clip at 1.0, AdamW, schedule."""
     import torch
 
-    model(x, y)[1].backward()
+    loss_of(model, x, y).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     if sched is not None:
@@ -103,20 +110,36 @@ def _train_step(model: Any, opt: Any, sched: Any, x: Any, y: Any) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _plain_step_loop(model: Any, opt: Any, sched: Any, batches: Any, steps: int,
-                     warmup: int) -> tuple[float, float, int]:
-    rss0, start, faults0 = 0.0, 0.0, 0
+def _loss_of(compiled: bool) -> Any:
+    """qkscope's loss of a batch as the LightningModule computes it, compiled as module.compile compiles it."""
+    import torch
+
+    from trainer.lit_gpt import next_token_loss
+
+    return torch.compile(next_token_loss, fullgraph=True) if compiled else next_token_loss
+
+
+def _nanogpt_loss(model: Any, x: Any, y: Any) -> Any:
+    return model(x, y)[1]
+
+
+def _plain_step_loop(model: Any, opt: Any, sched: Any, batches: Any, steps: int, warmup: int,
+                     loss_of: Any) -> tuple[float, float, int, float]:
+    rss0, start, faults0, first = 0.0, 0.0, 0, 0.0
     for i in range(warmup + steps):
         if i == warmup:
             start, faults0 = time.perf_counter(), _minor_faults()
         if i == 0:
-            rss0 = _rss_mb()
-        _train_step(model, opt, sched, *next(batches))
-    return time.perf_counter() - start, rss0, _minor_faults() - faults0
+            rss0, first = _rss_mb(), time.perf_counter()
+        _train_step(model, opt, sched, *next(batches), loss_of)
+        if i == 0:
+            first = time.perf_counter() - first
+    return time.perf_counter() - start, rss0, _minor_faults() - faults0, first
 
 
-def worker(impl: str, size: str, variant: str, steps: int, warmup: int, threads: int, nanogpt: str | None) -> dict:
-    """One measurement in this process: seconds for `steps` timed steps, tokens/s, memory.
+def worker(impl: str, size: str, variant: str, steps: int, warmup: int, threads: int, nanogpt: str | None,
+           compiled: bool = False) -> dict:
+    """One measurement in this process: seconds for `steps` timed steps, tokens/s, memory, the first step.
 
     impl "interleaved" is the qkscope/nanoGPT pair of `_interleaved` instead.
     """
@@ -128,46 +151,65 @@ def worker(impl: str, size: str, variant: str, steps: int, warmup: int, threads:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "bench" / "run"
-        cfg = _compose(size, variant, run_dir)
+        cfg = compose_config(size, variant, run_dir)
         retain_freed_heap(cfg.callbacks.cpu_allocator.top_pad_mb)  # the entry point's CPU setting, for every impl
         if impl == "interleaved":
-            return {"impl": impl, "size": size, "variant": variant, **_interleaved(cfg, steps, warmup, nanogpt)}
+            return {"impl": impl, "size": size, "variant": variant, "compiled": compiled,
+                    **_interleaved(cfg, steps, warmup, nanogpt, compiled)}
         if impl == "lightning":
-            seconds, rss0, faults = _lightning(cfg, steps, warmup)
+            seconds, rss0, faults, first = _lightning(cfg, steps, warmup, compiled)
         else:
-            model, opt, sched = _build_plain(cfg) if impl == "plain" else _build_nanogpt(cfg, nanogpt)
-            seconds, rss0, faults = _plain_step_loop(model, opt, sched, _batches(cfg), steps, warmup)
+            seconds, rss0, faults, first = _plain_step_loop(*_build_plain(cfg), _batches(cfg), steps, warmup,
+                                                            _loss_of(compiled))
         tokens_per_step = cfg.data.batch_size * cfg.data.block_size
-    return {"impl": impl, "size": size, "variant": variant, "steps": steps, "seconds": seconds,
+    return {"impl": impl, "size": size, "variant": variant, "compiled": compiled, "steps": steps,
+            "seconds": seconds, "step_ms": 1e3 * seconds / steps, "first_step_s": first,
             "tokens_per_s": steps * tokens_per_step / seconds, "minor_faults_per_step": faults // steps,
             "peak_rss_mb": _peak_mb(), "peak_growth_mb": _peak_mb() - rss0}
 
 
-def _lightning(cfg: Any, steps: int, warmup: int) -> tuple[float, float, int]:
-    import lightning as L
+class StepClock(L.Callback):
+    """Times a fit: the first step alone, then the steps from `warmup` on (wall clock), with RSS and minor
+    faults at those marks. Read `marks` after the fit."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.marks: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == 0:
+            self.marks["rss0"], self.marks["first"] = _rss_mb(), time.perf_counter()
+        if trainer.global_step == self.warmup:
+            self.marks["start"], self.marks["faults0"] = time.perf_counter(), _minor_faults()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.marks["end"], self.marks["faults"] = time.perf_counter(), _minor_faults()
+        if trainer.global_step == 1:
+            self.marks["first"] = self.marks["end"] - self.marks["first"]
+
+
+def timed_fit(cfg: Any, steps: int, warmup: int, **trainer_kwargs: Any) -> tuple[dict[str, float], list]:
+    """Fit the composed config for warmup + steps steps without validation; the StepClock's marks and the
+    callbacks (the spectral one holds its seconds per check)."""
     from hydra.utils import instantiate
-
-    marks: dict[str, float] = {}
-
-    class StepClock(L.Callback):
-        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-            if trainer.global_step == 0:
-                marks["rss0"] = _rss_mb()
-            if trainer.global_step == warmup:
-                marks["start"], marks["faults0"] = time.perf_counter(), _minor_faults()
-
-        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            marks["end"], marks["faults"] = time.perf_counter(), _minor_faults()
 
     cfg.trainer.max_steps = warmup + steps
     cfg.trainer.enable_model_summary = False
     dm = instantiate(cfg.data)
     module = instantiate(cfg.module)
-    callbacks = [c for c in instantiate(cfg.callbacks).values() if c is not None] + [StepClock()]
+    clock = StepClock(warmup)
+    callbacks = [c for c in instantiate(cfg.callbacks).values() if c is not None]
     loggers = list(instantiate(cfg.logger).values())
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, limit_val_batches=0)
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, clock], logger=loggers, limit_val_batches=0,
+                          **trainer_kwargs)
     trainer.fit(module, datamodule=dm)
-    return marks["end"] - marks["start"], marks["rss0"], int(marks["faults"] - marks["faults0"])
+    return clock.marks, callbacks
+
+
+def _lightning(cfg: Any, steps: int, warmup: int, compiled: bool) -> tuple[float, float, int, float]:
+    cfg.module.compile = compiled
+    marks, _ = timed_fit(cfg, steps, warmup)
+    return marks["end"] - marks["start"], marks["rss0"], int(marks["faults"] - marks["faults0"]), marks["first"]
 
 
 def _build_plain(cfg: Any) -> tuple[Any, Any, Any]:
@@ -183,10 +225,13 @@ def _build_plain(cfg: Any) -> tuple[Any, Any, Any]:
     return model, opt, sched
 
 
-def _build_nanogpt(cfg: Any, path: str | None) -> tuple[Any, Any, None]:
-    """nanoGPT's GPT at the same sizes, with its own configure_optimizers (no schedule)."""
+def _build_nanogpt(cfg: Any, path: str | None, compiled: bool) -> tuple[Any, Any, None]:
+    """nanoGPT's GPT at the same sizes, with its own configure_optimizers (no schedule); compiled as nanoGPT's
+    train.py compiles it (`torch.compile(model)`)."""
+    import torch
+
     if not path:
-        raise SystemExit("--nanogpt PATH is needed for the nanogpt implementation")
+        raise SystemExit("--nanogpt PATH is needed for the nanoGPT comparison")
     sys.path.insert(0, path)
     import model as nanogpt  # nanoGPT's model.py, from the clone given on the command line
 
@@ -194,10 +239,11 @@ def _build_nanogpt(cfg: Any, path: str | None) -> tuple[Any, Any, None]:
     config = nanogpt.GPTConfig(block_size=cfg.data.block_size, vocab_size=cfg.data.vocab_size, n_layer=m.n_layer,
                                n_head=m.n_head, n_embd=m.d_model, dropout=0.0, bias=False)
     model = nanogpt.GPT(config)
-    return model, model.configure_optimizers(c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu"), None
+    opt = model.configure_optimizers(c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
+    return (torch.compile(model) if compiled else model), opt, None
 
 
-def _interleaved(cfg: Any, steps: int, warmup: int, path: str | None) -> dict:
+def _interleaved(cfg: Any, steps: int, warmup: int, path: str | None, compiled: bool) -> dict:
     """qkscope (plain loop) and nanoGPT in one process, a step of each in turn on the same batch.
 
     Both see the same machine at nearly the same moment, so the median of the per-pair time
@@ -205,32 +251,52 @@ def _interleaved(cfg: Any, steps: int, warmup: int, path: str | None) -> dict:
     """
     import statistics
 
-    ours, theirs = _build_plain(cfg), _build_nanogpt(cfg, path)
+    impls = {"qkscope": (*_build_plain(cfg), _loss_of(compiled)),
+             "nanogpt": (*_build_nanogpt(cfg, path, compiled), _nanogpt_loss)}
     batches = _batches(cfg)
     times: dict[str, list[float]] = {"qkscope": [], "nanogpt": []}
+    first: dict[str, float] = {}
     for i in range(warmup + steps):
         x, y = next(batches)
-        for name, (model, opt, sched) in (("qkscope", ours), ("nanogpt", theirs))[:: 1 if i % 2 else -1]:
+        for name, step in list(impls.items())[:: 1 if i % 2 else -1]:
             start = time.perf_counter()
-            _train_step(model, opt, sched, x, y)
+            _train_step(*step[:3], x, y, step[3])
+            if i == 0:
+                first[name] = time.perf_counter() - start
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     ratios = [t_n / t_q for t_q, t_n in zip(times["qkscope"], times["nanogpt"], strict=True)]
     return {"steps": steps, "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-            "ratio_median": statistics.median(ratios), "ratio_quartiles": statistics.quantiles(ratios, n=4)}
+            "first_step_s": first, "ratio_median": statistics.median(ratios),
+            "ratio_quartiles": statistics.quantiles(ratios, n=4)}
 
 
-def _run_worker(impl: str, size: str, variant: str, args: argparse.Namespace, steps: int | None = None) -> dict:
+def payoff_steps(eager: dict, compiled: dict) -> float | None:
+    """Run length N from which compiling is faster in all: first_c + (N-1) step_c <= first_e + (N-1) step_e.
+    None when the compiled step is not faster."""
+    step_e, step_c = eager["seconds"] / eager["steps"], compiled["seconds"] / compiled["steps"]
+    if step_c >= step_e:
+        return None
+    return 1 + max(0.0, compiled["first_step_s"] - eager["first_step_s"]) / (step_e - step_c)
+
+
+def _run_worker(impl: str, size: str, variant: str, compiled: bool, args: argparse.Namespace,
+                steps: int | None = None) -> dict:
     steps = steps or args.steps
     cmd = [sys.executable, "-m", "scripts.bench_train", "--worker", impl, size, variant, "--steps", str(steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--threads", str(args.threads), *(["--compile"] if compiled else [])]
     if args.nanogpt:
         cmd += ["--nanogpt", args.nanogpt]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as inductor_cache:  # a cold compile, as a first run has it
+        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(args.threads),
+               "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{impl} {size} {variant} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{impl} {size} {variant} compiled={compiled} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+IMPLS = (("lightning", False), ("plain", False), ("lightning", True))  # (impl, compiled) per variant row
 
 
 def main() -> None:
@@ -241,50 +307,61 @@ def main() -> None:
                    help="variants for the lightning/plain rows (none: only the nanoGPT comparison)")
     p.add_argument("--nanogpt", default=None, help="path of a nanoGPT clone (adds the nanoGPT comparison)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest is reported")
     p.add_argument("--pair-steps", type=int, default=40, help="timed steps of each model in the nanoGPT pair")
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "SIZE", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.threads, args.nanogpt)))
+        print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.threads, args.nanogpt, args.compile)))
         return
 
-    impls = ("lightning", "plain")
-    jobs = [(size, variant, impl) for size in args.sizes for variant in args.variants for impl in impls]
-    if args.nanogpt:
-        jobs += [(size, "mha-gelu", impl) for size in args.sizes for impl in ("plain", "nanogpt")]
-    best: dict[tuple[str, str, str], dict] = {}
+    jobs = [(size, variant, impl, compiled) for size in args.sizes for variant in args.variants
+            for impl, compiled in IMPLS]
+    best: dict[tuple[str, str, str, bool], dict] = {}
     for _ in range(args.rounds):
-        for size, variant, impl in jobs:
-            r = _run_worker(impl, size, variant, args)
-            key = (size, variant, impl)
+        for size, variant, impl, compiled in jobs:
+            r = _run_worker(impl, size, variant, compiled, args)
+            key = (size, variant, impl, compiled)
             if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
                 best[key] = r
-            print(f"{size:5s} {variant:12s} {impl:9s} {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_rss_mb']:6.0f} MB "
-                  f"(+{r['peak_growth_mb']:.0f})", flush=True)
-
+            print(f"{size:5s} {variant:12s} {impl + '+compile' * compiled:17s} {r['tokens_per_s']:7.0f} tok/s  "
+                  f"first step {r['first_step_s']:5.1f} s  peak {r['peak_rss_mb']:5.0f} MB", flush=True)
     rows = []
-    for (size, variant, impl), r in best.items():
-        ref = {"lightning": "plain", "plain": "nanogpt"}.get(impl)
-        other = best.get((size, variant, ref))
-        rows.append({**r, "ratio": r["tokens_per_s"] / other["tokens_per_s"], "ratio_vs": ref} if other else r)
-    pairs = [_run_worker("interleaved", size, "mha-gelu", args, args.pair_steps) for size in args.sizes
-             if args.nanogpt]
+    for size, variant in dict.fromkeys((size, variant) for size, variant, _, _ in jobs):
+        lightning, plain, compiled = (best[(size, variant, impl, c)] for impl, c in IMPLS)
+        rows.append({"size": size, "variant": variant, "lightning": lightning, "plain": plain,
+                     "lightning_compiled": compiled,
+                     "lightning_over_plain": lightning["tokens_per_s"] / plain["tokens_per_s"],
+                     "compiled_over_eager": compiled["tokens_per_s"] / lightning["tokens_per_s"],
+                     "payoff_steps": payoff_steps(lightning, compiled)})
+    pairs = [_run_worker("interleaved", size, "mha-gelu", compiled, args, args.pair_steps)
+             for size in args.sizes for compiled in (False, True) if args.nanogpt]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine_info(args.threads), "rows": rows, "interleaved": pairs}
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"\n{'size':5s} {'variant':12s} {'impl':9s} {'tok/s':>9s} {'peak MB':>8s} ratio")
+
+    print("\n| size | variant | lightning tok/s | plain tok/s | lightning / plain | compiled tok/s | compiled / eager "
+          "| first step eager / compiled s | compile pays off after | peak RSS MB eager / compiled |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['ratio']:.3f} x {r['ratio_vs']}" if "ratio" in r else ""
-        print(f"{r['size']:5s} {r['variant']:12s} {r['impl']:9s} {r['tokens_per_s']:9.0f} "
-              f"{r['peak_rss_mb']:8.0f} {ratio}")
+        e, c = r["lightning"], r["lightning_compiled"]
+        payoff = f"{r['payoff_steps']:.0f} steps" if r["payoff_steps"] is not None else "never"
+        print(f"| {r['size']} | {r['variant']} | {e['tokens_per_s']:.0f} | {r['plain']['tokens_per_s']:.0f} | "
+              f"{r['lightning_over_plain']:.2f} | {c['tokens_per_s']:.0f} | {r['compiled_over_eager']:.2f} | "
+              f"{e['first_step_s']:.1f} / {c['first_step_s']:.1f} | {payoff} | "
+              f"{e['peak_rss_mb']:.0f} / {c['peak_rss_mb']:.0f} |")
+    if pairs:
+        print("\n| size | mode | qkscope ms / step | nanoGPT ms / step | qkscope tokens/s vs nanoGPT "
+              "(median, quartiles) | first step qkscope / nanoGPT s |")
+        print("|---|---|---|---|---|---|")
     for r in pairs:
-        ms, (q1, _, q3) = r["median_step_ms"], r["ratio_quartiles"]
-        print(f"{r['size']:5s} interleaved, {r['steps']} steps each: qkscope {ms['qkscope']:.0f} ms, nanoGPT "
-              f"{ms['nanogpt']:.0f} ms a step; qkscope tokens/s = {r['ratio_median']:.3f} x nanoGPT "
-              f"(quartiles {q1:.3f}-{q3:.3f})")
+        ms, (q1, _, q3), first = r["median_step_ms"], r["ratio_quartiles"], r["first_step_s"]
+        print(f"| {r['size']} | {'compiled' if r['compiled'] else 'eager'} | {ms['qkscope']:.0f} | "
+              f"{ms['nanogpt']:.0f} | {r['ratio_median']:.3f}x ({q1:.3f}-{q3:.3f}) | "
+              f"{first['qkscope']:.1f} / {first['nanogpt']:.1f} |")
     print(f"wrote {args.out}")
 
 
