@@ -39,7 +39,9 @@ def _rope(
     """The model's RoPE R_t x_t of x (..., T, r) with tables (T, r); inverse applies R_tᵀ (angle −θ_t)."""
     if cos is None or sin is None:
         return x
-    return rotate(x, cos, -sin if inverse else sin)
+    half = sin.shape[-1] // 2
+    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # the model's table [-sin θ, sin θ]
+    return rotate(x, cos, -sin_signed if inverse else sin_signed)
 
 
 def causal_softmax(S: torch.Tensor) -> torch.Tensor:
