@@ -4,9 +4,9 @@ Compose the config, check it, take the run directory, build every object from it
 fit, mark the run done. Exit status of a single run:
 
     0  trained to trainer.max_steps (DONE), or DONE already: nothing to do
+    1  failed: an exception (traceback), or torch.compile could not compile the model (one error line)
     2  refused before any work: a bad value (named with what is allowed), a run directory in use
        by another process, or a command that does not fit the run's plan (run.json)
-    1  failed: an exception (traceback), or torch.compile could not compile the model (one error line)
     3  stopped early, not DONE: divergence or an alert's `stop` action (the reason is printed)
     4  the disk of the run directory filled up or became read-only; the last checkpoint is
        intact and rerunning the command resumes from it
