@@ -15,9 +15,10 @@ CPU. Each implementation runs in its own subprocess (so its peak RSS is its own)
 
   interleaved (with --nanogpt) qkscope's `plain` loop and nanoGPT's `model.py` (a clone of
               github.com/karpathy/nanoGPT; same d_model, layers, heads, block, batch, vocabulary,
-              bias off, tied embeddings, its own AdamW from `configure_optimizers`) in one process,
-              a step of each in turn on the same batch, `--pair-steps` each, both eager and then
-              both compiled (nanoGPT compiled as its train.py does, `torch.compile(model)`).
+              bias off, tied embeddings, its own AdamW from `configure_optimizers`, which is
+              fused only on CUDA) in one process, and nanoGPT again with the fused AdamW qkscope
+              uses on CPU: a step of each in turn on the same batch, `--pair-steps` each, all
+              eager and then all compiled (nanoGPT as its train.py does, `torch.compile(model)`).
               qkscope runs MHA with nanoGPT's MLP (GELU, 4 d_model): what differs is RMSNorm/RoPE
               against LayerNorm/learned positions. The median per-pair ratio is the comparison
               (separate processes minutes apart see different machine loads).
@@ -225,9 +226,10 @@ def _build_plain(cfg: Any) -> tuple[Any, Any, Any]:
     return model, opt, sched
 
 
-def _build_nanogpt(cfg: Any, path: str | None, compiled: bool) -> tuple[Any, Any, None]:
+def _build_nanogpt(cfg: Any, path: str | None, compiled: bool, fused: bool = False) -> tuple[Any, Any, None]:
     """nanoGPT's GPT at the same sizes, with its own configure_optimizers (no schedule); compiled as nanoGPT's
-    train.py compiles it (`torch.compile(model)`)."""
+    train.py compiles it (`torch.compile(model)`). nanoGPT fuses AdamW only on CUDA; `fused` gives it the
+    fused kernel on CPU too, as qkscope has it."""
     import torch
 
     if not path:
@@ -238,37 +240,46 @@ def _build_nanogpt(cfg: Any, path: str | None, compiled: bool) -> tuple[Any, Any
     m, c = cfg.model, cfg.optim
     config = nanogpt.GPTConfig(block_size=cfg.data.block_size, vocab_size=cfg.data.vocab_size, n_layer=m.n_layer,
                                n_head=m.n_head, n_embd=m.d_model, dropout=0.0, bias=False)
+    torch.manual_seed(0)
     model = nanogpt.GPT(config)
     opt = model.configure_optimizers(c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
+    if fused:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=True)
     return (torch.compile(model) if compiled else model), opt, None
 
 
 def _interleaved(cfg: Any, steps: int, warmup: int, path: str | None, compiled: bool) -> dict:
-    """qkscope (plain loop) and nanoGPT in one process, a step of each in turn on the same batch.
+    """qkscope (plain loop), nanoGPT as shipped and nanoGPT with fused AdamW in one process, a step of
+    each in turn on the same batch (the order rotating every step).
 
-    Both see the same machine at nearly the same moment, so the median of the per-pair time
-    ratios is far steadier on a shared machine than a ratio of two separate processes' speeds.
+    All three see the same machine at nearly the same moment, so the median of the per-step time
+    ratios is far steadier on a shared machine than a ratio of separate processes' speeds. Against
+    nanoGPT as shipped the ratio is the whole step; against nanoGPT with the fused optimizer it is
+    what the models (RMSNorm/RoPE against LayerNorm/learned positions) leave.
     """
     import statistics
 
     impls = {"qkscope": (*_build_plain(cfg), _loss_of(compiled)),
-             "nanogpt": (*_build_nanogpt(cfg, path, compiled), _nanogpt_loss)}
+             "nanogpt": (*_build_nanogpt(cfg, path, compiled), _nanogpt_loss),
+             "nanogpt_fused_adamw": (*_build_nanogpt(cfg, path, compiled, fused=True), _nanogpt_loss)}
+    names = list(impls)
     batches = _batches(cfg)
-    times: dict[str, list[float]] = {"qkscope": [], "nanogpt": []}
+    times: dict[str, list[float]] = {name: [] for name in names}
     first: dict[str, float] = {}
     for i in range(warmup + steps):
         x, y = next(batches)
-        for name, step in list(impls.items())[:: 1 if i % 2 else -1]:
+        for name in names[i % 3:] + names[:i % 3]:
             start = time.perf_counter()
-            _train_step(*step[:3], x, y, step[3])
+            _train_step(*impls[name][:3], x, y, impls[name][3])
             if i == 0:
                 first[name] = time.perf_counter() - start
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    ratios = [t_n / t_q for t_q, t_n in zip(times["qkscope"], times["nanogpt"], strict=True)]
+    ratios = {name: [t_n / t_q for t_q, t_n in zip(times["qkscope"], times[name], strict=True)] for name in names[1:]}
     return {"steps": steps, "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-            "first_step_s": first, "ratio_median": statistics.median(ratios),
-            "ratio_quartiles": statistics.quantiles(ratios, n=4)}
+            "first_step_s": first, "ratio_median": {k: statistics.median(v) for k, v in ratios.items()},
+            "ratio_quartiles": {k: statistics.quantiles(v, n=4) for k, v in ratios.items()}}
 
 
 def payoff_steps(eager: dict, compiled: dict) -> float | None:
@@ -354,13 +365,15 @@ def main() -> None:
               f"{e['first_step_s']:.1f} / {c['first_step_s']:.1f} | {payoff} | "
               f"{e['peak_rss_mb']:.0f} / {c['peak_rss_mb']:.0f} |")
     if pairs:
-        print("\n| size | mode | qkscope ms / step | nanoGPT ms / step | qkscope tokens/s vs nanoGPT "
-              "(median, quartiles) | first step qkscope / nanoGPT s |")
-        print("|---|---|---|---|---|---|")
+        print("\n| size | mode | qkscope ms / step | nanoGPT ms / step (as shipped / fused AdamW) | "
+              "qkscope tokens/s vs nanoGPT as shipped (median, quartiles) "
+              "| vs nanoGPT with fused AdamW | first step qkscope / nanoGPT s |")
+        print("|---|---|---|---|---|---|---|")
     for r in pairs:
-        ms, (q1, _, q3), first = r["median_step_ms"], r["ratio_quartiles"], r["first_step_s"]
+        ms, first, med, quart = r["median_step_ms"], r["first_step_s"], r["ratio_median"], r["ratio_quartiles"]
+        cells = [f"{med[k]:.3f}x ({quart[k][0]:.3f}-{quart[k][2]:.3f})" for k in ("nanogpt", "nanogpt_fused_adamw")]
         print(f"| {r['size']} | {'compiled' if r['compiled'] else 'eager'} | {ms['qkscope']:.0f} | "
-              f"{ms['nanogpt']:.0f} | {r['ratio_median']:.3f}x ({q1:.3f}-{q3:.3f}) | "
+              f"{ms['nanogpt']:.0f} / {ms['nanogpt_fused_adamw']:.0f} | {cells[0]} | {cells[1]} | "
               f"{first['qkscope']:.1f} / {first['nanogpt']:.1f} |")
     print(f"wrote {args.out}")
 

@@ -55,12 +55,17 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch's single-kernel AdamW runs: 4-5x faster steps than foreach on CPU
+
+
 def adamw_with_schedule(
-    parameters: Iterable[torch.nn.Parameter], c: OptimConfig, total_steps: int, fused: bool = False
+    parameters: Iterable[torch.nn.Parameter], c: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with decay on matrices only (norm gains, biases, KV-shift weights are 1-D: no decay),
-    and the per-step warmup + cosine factor of `lr_factor` over `total_steps`."""
+    and the per-step warmup + cosine factor of `lr_factor` over `total_steps`; the fused kernel
+    where the parameters' device has one."""
     params = [p for p in parameters if p.requires_grad]
+    fused = params[0].device.type in FUSED_ADAMW_DEVICES
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -242,5 +247,5 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
-        opt, sched = adamw_with_schedule(self.parameters(), self.optim_config, total, fused=self.device.type == "cuda")
+        opt, sched = adamw_with_schedule(self.parameters(), self.optim_config, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
