@@ -12,9 +12,14 @@ weight-only bound from the model's `logit_terms()`, logs them as `logits/...`, a
 `<run_dir>/logits.jsonl` and evaluates the rules whose source is "logits" (`logit_growth`). The
 `qk_clip` action arms QK-Clip: from the first alert of a level carrying it, every logit check
 scales the heads whose measured max logit exceeds `qk_clip_tau` back to it.
+
+With `activation_form`, every spectral check also analyses each head's activation form, Q_h K_hᵀ of
+the probe batch (`pl_module.activation_factors`), against the same null; it is logged and written as
+the kind "activation" beside the weight form's kinds and is not evaluated by the alert rules.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -30,7 +35,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from analysis.spectral import NULL_NAMES, HeadSpectra, SpectralAnalyzer, SpectralReport
 from analysis.spectral.history import ALERTS_FILE, LOGITS_FILE, SPECTRA_DIR, append_logit_check, write_report
 from analysis.spectral.logits import LogitStats, clip_factors
-from callbacks.logit_probe import measure_logits, probe_batch
+from callbacks.logit_probe import activation_factors, measure_logits, probe_batch
 from callbacks.spectral_logging import logit_scalars, probe_meta, report_scalars, wandb_payload
 from callbacks.spectral_rules import Alert, build_rules, check_actions
 
@@ -70,6 +75,7 @@ class SpectralHealthCallback(L.Callback):
         logit_every_n_steps: int = 10,
         probe_batch_size: int = 4,
         qk_clip_tau: float = 100.0,
+        activation_form: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("every_n_steps", every_n_steps), ("logit_every_n_steps", logit_every_n_steps),
@@ -82,6 +88,7 @@ class SpectralHealthCallback(L.Callback):
             raise ValueError(f"spectral.null_model={null_model!r} is invalid; allowed: {list(NULL_NAMES)}")
         self.every_n_steps, self.logit_every_n_steps = every_n_steps, logit_every_n_steps
         self.probe_batch_size, self.qk_clip_tau = probe_batch_size, qk_clip_tau
+        self.activation_form = activation_form
         self.analyzer = SpectralAnalyzer(null=null_model, fa_level=fa_level, mc_draws=mc_draws, cache_dir=cache_dir)
         self.bh_q = bh_q
         self.layer_sum_every_n_checks = layer_sum_every_n_checks
@@ -179,8 +186,10 @@ class SpectralHealthCallback(L.Callback):
             every = self.layer_sum_every_n_checks
             layer_sum = every > 0 and self.checks % every == 0
             report = self.analyzer.analyze(factors, previous=self.previous, layer_sum=layer_sum)
-            self.previous = report
             fired = self._evaluate("spectral", report, step, self.checks)
+            if self.activation_form:
+                report = self._with_activation_form(pl_module, report)
+            self.previous = report
             self.checks += 1
             self._log(trainer, report, probe_meta(factors), step)
             if self.run_dir is not None:
@@ -191,6 +200,16 @@ class SpectralHealthCallback(L.Callback):
                            f"step {step}: {type(e).__name__}: {e}", step, ["model"])]
         self.seconds_total += time.perf_counter() - start
         return fired
+
+    def _with_activation_form(self, pl_module: L.LightningModule, report: SpectralReport) -> SpectralReport:
+        """The weight report with the activation form's heads (kind "activation": every head's Q K^T on the
+        probe batch, against the same null) added, to be logged and written with it; the alert rules have
+        seen the weight form only (their levels were set on it)."""
+        act = self.analyzer.analyze(activation_factors(pl_module, self.probe), previous=self.previous,
+                                    layer_sum=False)
+        return dataclasses.replace(report, heads={**report.heads, **act.heads},
+                                   factors={**report.factors, **act.factors}, seconds=report.seconds + act.seconds,
+                                   calibration_seconds=report.calibration_seconds + act.calibration_seconds)
 
     def _evaluate(self, source: str, data: SpectralReport | LogitStats, step: int, check: int) -> list[Alert]:
         alerts = []

@@ -214,11 +214,11 @@ class GroupedQueryAttention(nn.Module):
         y = causal_attention(q, repeat_kv(k, H // G), repeat_kv(v, H // G))  # (B, H, T, dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
-    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax logits of x (B, T, C) attending to itself: (B, H, T, T), unmasked."""
+    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Every head's rotated queries and keys of x (B, T, C) attending to itself, and the softmax
+        scale: the logits are (q @ kᵀ) * scale. -> (B, H, T, dh), (B, H, T, dh), scale."""
         q, k, _ = self.project(x)
-        k = repeat_kv(k, self.n_head // self.n_kv_head)  # (B, H, T, dh)
-        return (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        return q, repeat_kv(k, self.n_head // self.n_kv_head), self.head_dim**-0.5
 
     def key_mix(self) -> torch.Tensor:
         """(H,) absolute sum of the weights of the keys mixed into one key: 1 without a shift."""
@@ -403,14 +403,33 @@ class GPT(nn.Module):
         return [block.attn.logit_terms(block.attn_norm.weight) for block in self.blocks]
 
     @torch.no_grad()
+    def queries_keys(self, idx: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Layer by layer, every head's queries and keys (B, H, T, d) of idx (B, T) and the softmax scale."""
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.blocks:
+            yield block.attn.queries_keys(block.attn_norm(x))
+            x = block(x)
+
     def attention_scores(self, idx: torch.Tensor) -> Iterator[torch.Tensor]:
         """Layer by layer, the causal pre-softmax logits (B, H, T, T) of idx (B, T); -inf above the diagonal."""
         T = idx.shape[1]
         future = ~causal_mask(T, T, idx.device)
-        x = self.tok_emb(idx)  # (B, T, C)
-        for block in self.blocks:
-            yield block.attn.attention_scores(block.attn_norm(x)).float().masked_fill(future, float("-inf"))
-            x = block(x)
+        for q, k, scale in self.queries_keys(idx):
+            yield ((q @ k.transpose(-1, -2)) * scale).float().masked_fill(future, float("-inf"))  # (B, H, T, T)
+
+    def activation_factors(self, idx: torch.Tensor) -> list[list[QKFactors]]:
+        """The QK probe's activation form on idx (B, T): per layer one QKFactors of kind "activation" with
+        left_h = Q_h √scale and right_h = K_h √scale, the head's queries and keys over the batch's B·T tokens,
+        so left_h right_hᵀ is its logit matrix Q_h K_hᵀ · scale without the causal mask, the batch taken as one
+        sequence of B·T tokens. Its squared non-zero singular values are the eigenvalues of
+        (Q_hᵀQ_h)(K_hᵀK_h) · scale², with d x d Grams summed over the batch's sequences."""
+        layers = []
+        for q, k, scale in self.queries_keys(idx):
+            B, H, T, d = q.shape
+            left = (q * scale**0.5).transpose(0, 1).reshape(H, B * T, d)  # (H, B·T, d)
+            right = (k * scale**0.5).transpose(0, 1).reshape(H, B * T, d)  # (H, B·T, d)
+            layers.append([QKFactors(left.float(), right.float(), "activation")])
+        return layers
 
     @torch.no_grad()
     def clip_qk_(self, eta: torch.Tensor) -> None:

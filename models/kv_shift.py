@@ -172,12 +172,13 @@ class MLAKVShiftAttention(MultiHeadLatentAttention):
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, dn+dr)
         return q, k, v
 
-    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax logits of x (B, T, C) attending to itself: (B, H, T, T), unmasked."""
+    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Every head's queries and shifted keys [nope; rotated rope] of x (B, T, C) attending to itself, and
+        the softmax scale. -> (B, H, T, dn+dr), (B, H, T, dn+dr), scale."""
         q_nope, q_rope = self.query(x)
         c_kv, k_rope = self.latent(x)
         q, k, _ = self.shifted_heads(q_nope, self.rotary(q_rope), c_kv, k_rope, 0)
-        return (q @ k.transpose(-1, -2)) * self.scale
+        return q, k, self.scale
 
     def key_mix(self) -> torch.Tensor:
         """(H,) |α1_h| + |α2_h|: head h's key j mixes its keys j and j-1."""

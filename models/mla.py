@@ -181,12 +181,13 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, dn+dr)
         return q, k, v
 
-    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax logits of x (B, T, C) attending to itself: (B, H, T, T), unmasked."""
+    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Every head's queries and keys [nope; rotated rope] of x (B, T, C) attending to itself, and the
+        softmax scale. -> (B, H, T, dn+dr), (B, H, T, dn+dr), scale."""
         q_nope, q_rope = self.query(x)
         c_kv, k_rope = self.latent(x)
         q, k, _ = self.heads(q_nope, self.rotary(q_rope), c_kv, self.rotary(k_rope))
-        return (q @ k.transpose(-1, -2)) * self.scale
+        return q, k, self.scale
 
     def absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
@@ -302,10 +303,11 @@ class MLAPreRoPEAttention(nn.Module):
             y = padded_attention(q, k, v, self.scale)  # (B, H, T, dv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax logits of x (B, T, C) attending to itself: (B, H, T, T), unmasked."""
+    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Every head's rotated queries and keys of x (B, T, C) attending to itself, and the softmax scale.
+        -> (B, H, T, dn), (B, H, T, dn), scale."""
         q, k, _, _ = self.heads(x)
-        return (q @ k.transpose(-1, -2)) * self.scale
+        return q, k, self.scale
 
     def latent_value_attention(self, q: torch.Tensor, k: torch.Tensor, c_kv: torch.Tensor) -> torch.Tensor:
         """Per-head keys, values read from the shared latents with W_UV absorbed; -> (B, H, T, dv).

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-QKKind = Literal["content", "rope"]
+QKKind = Literal["content", "rope", "activation"]
 
 
 @dataclass
@@ -22,7 +22,8 @@ class QKFactors:
     Attributes:
         left: (H, d_model, r) tensor, A_h (the query side, e.g. W_Q^h transposed).
         right: (H, d_model, r) tensor, B_h (the key side, e.g. W_K^{g(h)} transposed).
-        kind: "content" for the position-free part, "rope" for MLA's decoupled rotary part.
+        kind: "content" for the position-free part, "rope" for MLA's decoupled rotary part;
+            "activation" for the activation form (`GPT.activation_factors`: (H, tokens, d) queries and keys).
         meta: per-variant scalars worth logging (KV-shift alpha/beta, MLA ranks, scale).
     """
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import GPT, GPTConfig
-from models.config import ConfigError
+from models.config import AttentionName, ConfigError
 from models.gpt import KVCache
 
 
@@ -73,6 +73,45 @@ def test_qk_probe_reproduces_attention_scores(attention: dict) -> None:
     probed = torch.einsum("i,hir,hjr,j->h", x, f.left, f.right, y)
     assert torch.allclose(probed, expected, atol=1e-5)
     assert f.left.shape == (4, 48, 12) and f.kind == "content"
+
+
+def test_activation_form_of_mha_is_the_textbook_logit_matrix() -> None:
+    """left_h right_hᵀ of a one-sequence batch is (R q_h)(R k_h)ᵀ / √d_h, q and k from the projections of the
+    normed input, rotated by the rotate-half formula written here."""
+    m = tiny()
+    idx = torch.randint(0, 97, (1, 24))
+    (f,) = m.activation_factors(idx)[0]
+    attn = m.blocks[0].attn
+    x = m.blocks[0].attn_norm(m.tok_emb(idx))[0]  # (T, C)
+    q = attn.q_proj(x).view(24, 4, 12).transpose(0, 1)  # (H, T, dh)
+    k = attn.k_proj(x).view(24, 4, 12).transpose(0, 1)
+    angle = torch.arange(24.0)[:, None] / 10000 ** (torch.arange(0, 12, 2) / 12)  # (T, dh/2)
+    cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
+
+    def rope(v: torch.Tensor) -> torch.Tensor:
+        return v * cos + torch.cat([-v[..., 6:], v[..., :6]], dim=-1) * sin
+
+    expected = rope(q) @ rope(k).transpose(-1, -2) / 12**0.5  # (H, T, T)
+    assert f.kind == "activation" and f.left.shape == (4, 24, 12)
+    assert torch.allclose(f.left @ f.right.transpose(-1, -2), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [a.value for a in AttentionName])
+def test_activation_form_holds_every_sequences_logits(name: str) -> None:
+    """For every variant, the diagonal blocks of left_h right_hᵀ over a batch are the causal logits of each
+    sequence, and the squared singular values are the eigenvalues of the pooled Grams' product."""
+    m = tiny({"name": name})
+    idx = torch.randint(0, 97, (2, 24))
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    for scores, (f,) in zip(m.attention_scores(idx), m.activation_factors(idx), strict=True):
+        full = (f.left @ f.right.transpose(-1, -2)).double()  # (H, 48, 48)
+        for b in range(2):
+            block = full[:, 24 * b : 24 * (b + 1), 24 * b : 24 * (b + 1)]
+            assert torch.allclose(block[:, causal].float(), scores[b][:, causal], atol=1e-5)
+        sv2 = torch.linalg.svdvals(full)[:, : f.rank] ** 2
+        gram = (f.left.double().mT @ f.left.double()) @ (f.right.double().mT @ f.right.double())  # (H, r, r)
+        eig = torch.linalg.eigvals(gram).real.sort(dim=-1, descending=True).values
+        assert torch.allclose(sv2, eig, rtol=1e-6, atol=1e-9)
 
 
 def test_tied_embeddings_share_storage() -> None:

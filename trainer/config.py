@@ -240,6 +240,7 @@ class SpectralNode:
     logit_every_n_steps: int = MISSING
     probe_batch_size: int = MISSING
     qk_clip_tau: float = MISSING
+    activation_form: bool = MISSING
     rules: SpectralRules = MISSING
     actions: dict[str, list[str]] = MISSING  # level -> actions; the callback checks the names
 

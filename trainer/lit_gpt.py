@@ -138,6 +138,10 @@ class LitGPT(L.LightningModule):
         """Per layer, the causal pre-softmax logits (B, H, T, T) of a probe batch idx (B, T)."""
         return self.model.attention_scores(idx)
 
+    def activation_factors(self, idx: torch.Tensor) -> list[list[QKFactors]]:
+        """The QK probe's activation form on a probe batch idx (B, T): every head's queries and keys."""
+        return self.model.activation_factors(idx)
+
     def clip_qk_(self, eta: torch.Tensor) -> None:
         """Scale every head's logits by eta (L, H) <= 1 (QK-Clip)."""
         self.model.clip_qk_(eta)
