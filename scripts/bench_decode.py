@@ -1,6 +1,6 @@
 """Decode throughput and KV-cache memory at a long context, attention variants side by side.
 
-    python -m scripts.bench_decode [--out bench_decode.json] [--context 2000] [--new-tokens 16]
+    python -m scripts.bench_decode [--out results/bench_decode.json] [--context 2000] [--new-tokens 16]
 
 One model per variant (block_size 2048, d_model 256, 8 heads, 4 layers, fp32, random weights),
 prefilled with `context` tokens; then `new-tokens` greedy steps of one token each are timed.
@@ -74,7 +74,7 @@ def layer_bytes_per_token(cache: KVCache) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench_decode.json", help="JSON results path")
+    p.add_argument("--out", default="results/bench_decode.json", help="JSON results path")
     p.add_argument("--context", type=int, default=2000, help="prefill length")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per round")
     p.add_argument("--no-cache-steps", type=int, default=1, help="steps timed per round for the recompute path")

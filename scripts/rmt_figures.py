@@ -4,7 +4,8 @@
 
 Per variant (attention name) over its seeds: (step, layer) heatmaps of λ_max/edge and spike
 counts (seed mean), effective rank per layer over steps (mean and min-max band), the alerts each
-run raised (alerts.jsonl), validation loss; summary.json holds the numbers (analysis/study/rmt_study.py).
+run raised (alerts.jsonl), validation loss, final attention entropy per layer; summary.json holds the
+numbers (analysis/study/rmt_study.py).
 """
 
 import argparse
@@ -19,13 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
-from analysis.spectral.history import load_history  # noqa: E402
+from analysis.spectral.history import LOGITS_FILE, load_history, load_logit_history  # noqa: E402
 from analysis.study import compare  # noqa: E402
 from analysis.study.rmt_study import (  # noqa: E402
     RunData,
     alert_counts,
     alerts_figure,
     eff_rank_figure,
+    entropy_figure,
     kind_series,
     seed_mean_heatmaps,
     summarize,
@@ -45,9 +47,13 @@ def load_run(job: Path) -> RunData | None:
         if alerts_file.exists() else []
     alerts, keys = alert_counts(records)
     steps, values = compare.series(metric_rows(job), "val/loss")
-    return RunData(variant=str(cfg.model.attention.name), seed=int(cfg.seed), dir=job.name, status=job_status(job),
+    entropy = load_logit_history(job / LOGITS_FILE).entropy[-1].mean(axis=-1) if (job / LOGITS_FILE).exists() else None
+    status = job_status(job)
+    started = (job / ".hydra" / "config.yaml").stat().st_mtime  # Hydra rewrites it when a job (re)starts
+    wall = (job / "DONE").stat().st_mtime - started if status == "done" else None
+    return RunData(variant=str(cfg.model.attention.name), seed=int(cfg.seed), dir=job.name, status=status,
                    kinds={k: kind_series(history, k) for k in history.kinds}, alerts=alerts, alert_keys=keys,
-                   val_loss=(steps, values) if steps.size else None)
+                   val_loss=(steps, values) if steps.size else None, entropy=entropy, wall_s=wall)
 
 
 def render(sweep_dir: Path, out: Path, kinds: list[str] | None = None, dpi: int = 90) -> dict:
@@ -66,6 +72,7 @@ def render(sweep_dir: Path, out: Path, kinds: list[str] | None = None, dpi: int 
         figures[f"eff_rank_{kind}"] = eff_rank_figure(runs, kind)
     figures["alerts"] = alerts_figure(runs)
     figures["val_loss"] = val_loss_figure(runs)
+    figures["attention_entropy"] = entropy_figure(runs)
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=dpi)
         plt.close(fig)
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the sweep directory, e.g. runs/rmt_mla")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default SWEEP_DIR/rmt_figures)")
     parser.add_argument("--kind", action="append", default=None,
-                        help="spectral kind(s) to draw (content, rope; default: every kind present)")
+                        help="spectral kind(s) to draw (content, rope, activation; default: every kind present)")
     parser.add_argument("--dpi", type=int, default=90, help="PNG resolution (default 90: small committed files)")
     args = parser.parse_args(argv)
     out = args.out or args.sweep_dir / "rmt_figures"

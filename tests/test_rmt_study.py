@@ -17,6 +17,7 @@ from analysis.study.rmt_study import (
     alert_counts,
     alerts_figure,
     eff_rank_figure,
+    entropy_figure,
     first_crossing,
     seed_mean_heatmaps,
     stats,
@@ -83,6 +84,11 @@ def test_figures_of_a_real_tiny_sweep(tmp_path: Path, corpus_cache: Path) -> Non
         assert 0 < content["final_eff_rank"][0]["mean"] <= content["rank"]
         assert entry["final_val_loss"]["n"] == 1 and np.isfinite(entry["final_val_loss"]["mean"])
         assert f"{variant}_content_lambda_max_over_edge.png" in summary["figures"]
+        assert set(entry["kinds"]) >= {"content", "activation"}  # the weight form and the activation form
+        activation_rank = entry["kinds"]["activation"]["rank"]  # d of q_h, k_h: 32 for MHA, MLA's dn + dr
+        assert activation_rank == 32 if variant == "mha" else activation_rank >= content["rank"]
+        entropy = entry["final_attention_entropy"]
+        assert len(entropy) == 4 and all(0 < e["mean"] <= np.log(128) for e in entropy)
     assert "rope" in summary["variants"]["mla"]["kinds"]  # decoupled RoPE: its shared rotary path too
     for run in summary["runs"]:
         assert run["kinds"]["content"]["last_step"] == 4 and run["kinds"]["content"]["checks"] == 3
@@ -92,10 +98,11 @@ def test_figures_of_a_real_tiny_sweep(tmp_path: Path, corpus_cache: Path) -> Non
 
     # each PNG is a real image and, pixel for pixel, the figure of the sweep's data drawn again from its job directories
     runs = [rmt_figures.load_run(job) for job in sweep_jobs(sweep)]
-    kinds = {"content", "rope"}
+    kinds = {"content", "rope", "activation"}
     figures = {name: fig for kind in sorted(kinds) for name, fig in seed_mean_heatmaps(runs, kind).items()}
     figures |= {f"eff_rank_{kind}": eff_rank_figure(runs, kind) for kind in sorted(kinds)}
-    figures |= {"alerts": alerts_figure(runs), "val_loss": val_loss_figure(runs)}
+    figures |= {"alerts": alerts_figure(runs), "val_loss": val_loss_figure(runs),
+                "attention_entropy": entropy_figure(runs)}
     assert sorted(f"{name}.png" for name in figures) == summary["figures"]
     # ... and what they plot is what the jobs wrote: spectra/step*.npz, alerts.jsonl, csv/metrics.csv
     rules = sorted({json.loads(line)["rule"] for job in sweep_jobs(sweep) if (job / "alerts.jsonl").exists()
@@ -108,6 +115,12 @@ def test_figures_of_a_real_tiny_sweep(tmp_path: Path, corpus_cache: Path) -> Non
         checks = [{k: v.astype(np.float64) for k, v in np.load(f).items()}
                   for f in sorted((job / "spectra").glob("step*.npz"))]
         assert [int(c["step"]) for c in checks] == [0, 2, 4]
+        for c in checks:  # the activation form of every head: (L, H, d_qk) eigenvalues, all finite
+            assert c["activation/eigs"].shape[:2] == c["content/eigs"].shape[:2]
+            assert np.isfinite(c["activation/eigs"]).all() and c["activation/finite"].all()
+        last = json.loads((job / "logits.jsonl").read_text().splitlines()[-1])
+        (bars,) = [b for b in figures["attention_entropy"].axes[0].containers if b.get_label().startswith(label)]
+        np.testing.assert_allclose([b.get_height() for b in bars], np.mean(last["entropy"], axis=1), rtol=1e-9)
         ratio = np.stack([np.nanmax(c["content/lambda_max"] / c["content/edge"], axis=1) for c in checks])  # (S, L)
         spikes = np.stack([np.nansum(c["content/num_spikes"], axis=1) for c in checks])
         eff_rank = np.stack([np.nanmean(c["content/eff_rank"], axis=1) for c in checks])

@@ -9,7 +9,11 @@ Definitions used in the numbers (per layer, one spectral kind, e.g. "content"):
   Bonferroni-level threshold (stricter than λ_max/edge > 1, which the heatmaps show);
 - first crossing step: the first checked step at which the layer crossed (None: never);
 - spike count: the layer's spikes summed over heads; its peak is the maximum over checks;
-- effective rank: the layer's mean over heads of eff_rank (out of r = the head's rank).
+- effective rank: the layer's mean over heads of eff_rank (out of r = the head's rank);
+- attention entropy: at the run's last logit check, the layer's mean over heads of the mean
+  attention entropy (nats) of the probe batch's queries (analysis/spectral/logits.py);
+- kinds: "content" (and MLA's "rope") are the weight form W_Q W_Kᵀ of each head, "activation" its
+  activation form Q Kᵀ on the probe batch, each against the run's null.
 """
 
 from collections import Counter
@@ -56,6 +60,8 @@ class RunData:
     alerts: dict[str, int] = field(default_factory=dict)  # alerts raised per rule
     alert_keys: dict[str, int] = field(default_factory=dict)  # heads/layers named by those alerts, per rule
     val_loss: tuple[np.ndarray, np.ndarray] | None = None  # (steps, values)
+    entropy: np.ndarray | None = None  # (L,) final attention entropy per layer, mean over heads (nats)
+    wall_s: float | None = None  # seconds from the job's (last) start to its DONE mark
 
 
 def kind_series(history: SpectralHistory, kind: str) -> KindSeries:
@@ -143,6 +149,10 @@ def summarize(runs: Sequence[RunData]) -> dict[str, Any]:
                             "final_lambda_max_over_edge", "initial_eff_rank", "final_eff_rank", "min_eff_rank")}}
         losses = [float(r.val_loss[1][-1]) if r.val_loss is not None and r.val_loss[1].size else None for r in group]
         entry["final_val_loss"] = stats(losses)
+        entropies = [r.entropy for r in group if r.entropy is not None]
+        entry["final_attention_entropy"] = [stats([float(e[layer]) for e in entropies])
+                                            for layer in range(len(entropies[0]))] if entropies else []
+        entry["wall_s"] = stats([r.wall_s for r in group])
         rules = sorted({k for r in group for k in r.alerts})
         entry["alerts"] = {rule: stats([r.alerts.get(rule, 0) for r in group]) for rule in rules}
         entry["alert_keys"] = {rule: stats([r.alert_keys.get(rule, 0) for r in group]) for rule in rules}
@@ -150,6 +160,8 @@ def summarize(runs: Sequence[RunData]) -> dict[str, Any]:
         for r, loss in zip(group, losses, strict=True):
             per_run.append({"variant": variant, "seed": r.seed, "dir": r.dir, "status": r.status,
                             "final_val_loss": loss, "alerts": r.alerts, "alert_keys": r.alert_keys,
+                            "final_attention_entropy": None if r.entropy is None else np.round(r.entropy, 4).tolist(),
+                            "wall_s": r.wall_s,
                             "kinds": {kind: run_numbers(r, kind) for kind in r.kinds}})
     return {"definitions": __doc__.split("Definitions used in the numbers", 1)[1].strip(),
             "variants": variants, "runs": per_run}
@@ -238,6 +250,28 @@ def alerts_figure(runs: Sequence[RunData]) -> Figure:
     ax.set_xticks(np.arange(len(rules)), rules, fontsize=8)
     ax.set_ylabel("alerts per run")
     ax.set_title("alerts raised (alerts.jsonl): mean over seeds, dots = seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def entropy_figure(runs: Sequence[RunData]) -> Figure:
+    """Final attention entropy per layer (mean over heads): per variant the mean over seeds (bar) and
+    each seed (dots)."""
+    variants = [v for v in ordered_variants(runs) if any(r.variant == v and r.entropy is not None for r in runs)]
+    n_layers = max((r.entropy.size for r in runs if r.entropy is not None), default=0)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * max(n_layers, 1), 3.0))
+    width = 0.8 / max(len(variants), 1)
+    for i, variant in enumerate(variants):
+        values = np.stack([r.entropy for r in runs if r.variant == variant and r.entropy is not None])  # (seeds, L)
+        x = np.arange(values.shape[1]) + (i - (len(variants) - 1) / 2) * width
+        ax.bar(x, values.mean(axis=0), width, color=COLORS.get(variant), alpha=0.7,
+               label=f"{VARIANT_LABELS.get(variant, variant)} ({values.shape[0]} seeds)")
+        for row in values:
+            ax.scatter(x, row, color="black", s=6, zorder=3)
+    ax.set_xticks(np.arange(n_layers), [f"layer {layer}" for layer in range(n_layers)], fontsize=8)
+    ax.set_ylabel("attention entropy (nats)")
+    ax.set_title("final attention entropy on the probe batch, mean over heads; dots = seeds", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
