@@ -15,8 +15,8 @@ every rerun of this command goes on where the last one stopped.
 The arms of a size share width, depth and heads, and MLA's ranks follow from d_model, so their
 parameter counts agree within a few percent (written per arm to the summary); the KV cache is
 what MLA compresses, so matching it would undo the variant under study. Then
-scripts/rmt_figures.py draws each size's figures into OUT/<size>/, and OUT/summary.json holds every
-size's summary with its command and parameter counts.
+scripts/rmt_figures.py draws each size's figures into OUT/<size>/ with its table (OUT/<size>/table.md,
+the README's rows), and OUT/summary.json holds every size's summary with its command and parameter counts.
 """
 
 import argparse
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
+from analysis.study.rmt_study import markdown_table  # noqa: E402
 from scripts import rmt_figures  # noqa: E402
 from trainer.run_results import sweep_jobs  # noqa: E402
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             print(f"{size}: no figures yet ({e})", file=sys.stderr)
             continue
+        table = markdown_table(numbers)
+        (args.out / size / "table.md").write_text(table)
+        print(f"\n{size}:\n{table}", flush=True)
         summary["sizes"][size] = {"command": "python -m trainer.train " + " ".join(cmd[3:-1]),
                                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                                   "parameters": parameter_counts(sweep), **numbers}

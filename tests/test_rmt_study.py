@@ -19,6 +19,7 @@ from analysis.study.rmt_study import (
     eff_rank_figure,
     entropy_figure,
     first_crossing,
+    markdown_table,
     seed_mean_heatmaps,
     stats,
     summarize,
@@ -62,6 +63,11 @@ def test_numbers_on_handmade_histories() -> None:
                                                           "n": 2, "of": 2}
     assert out["variants"]["mla"]["kinds"]["content"]["first_crossing_step"][0]["n"] == 0
     assert out["variants"]["mla"]["final_val_loss"]["n"] == 0
+    table = markdown_table(out).splitlines()
+    assert table[0] == "| | MHA | MLA (decoupled RoPE) |"
+    assert "| [content] first crossing step per layer | 15 / 20 (1/2) | never / never |" in table
+    assert "| final val loss | 5.250 [5.000, 5.500] | - |" in table
+    assert "| alerts/run: spikes | 1.0 [0.0, 2.0] | 0 |" in table
 
 
 def test_figures_of_a_real_tiny_sweep(tmp_path: Path, corpus_cache: Path) -> None:

@@ -167,6 +167,52 @@ def summarize(runs: Sequence[RunData]) -> dict[str, Any]:
             "variants": variants, "runs": per_run}
 
 
+def _cell(stat: Mapping[str, Any], digits: int = 1, spread: bool = True, none: str = "-") -> str:
+    """'mean [min, max]' of a `stats` entry (`none` where no seed has a value)."""
+    if stat["mean"] is None:
+        return none
+    text = f"{stat['mean']:.{digits}f}"
+    if spread and stat["n"] > 1:
+        text += f" [{stat['min']:.{digits}f}, {stat['max']:.{digits}f}]"
+    return text if stat["n"] == stat["of"] else f"{text} ({stat['n']}/{stat['of']})"
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """The study's table (one column per variant, mean [min, max] over seeds) from `summarize`'s output:
+    per-layer crossings, spikes and ranks of each kind, λ_max/edge, attention entropy, val loss, alerts
+    and wall time per run. A crossing that not every seed reached shows (n/of) seeds."""
+    variants = summary["variants"]
+    names = list(variants)
+    rows = [("seeds", [", ".join(map(str, variants[v]["seeds"])) for v in names])]
+    kinds = sorted({k for v in names for k in variants[v]["kinds"]}, key=lambda k: ("content", "rope").index(k)
+                   if k in ("content", "rope") else 2)
+    for kind in kinds:
+        present = [variants[v]["kinds"].get(kind) for v in names]
+
+        def per_layer(key: str, digits: int, spread: bool, entries: list = present) -> list[str]:
+            none = "never" if key == "first_crossing_step" else "-"
+            return [" / ".join(_cell(s, digits, spread, none) for s in e[key]) if e else "-" for e in entries]
+
+        rank = next(e["rank"] for e in present if e)
+        rows += [(f"[{kind}] first crossing step per layer", per_layer("first_crossing_step", 0, False)),
+                 (f"[{kind}] peak spikes per layer", per_layer("peak_spikes", 1, False)),
+                 (f"[{kind}] eff. rank per layer, init (of {rank})", per_layer("initial_eff_rank", 1, False)),
+                 (f"[{kind}] eff. rank per layer, final", per_layer("final_eff_rank", 1, False)),
+                 (f"[{kind}] eff. rank L0, final", [_cell(e["final_eff_rank"][0]) if e else "-" for e in present]),
+                 (f"[{kind}] final max λ_max/edge per layer", per_layer("final_lambda_max_over_edge", 1, False))]
+    rows += [("final attention entropy per layer (nats)",
+              [" / ".join(_cell(s, 2, False) for s in variants[v]["final_attention_entropy"]) or "-" for v in names]),
+             ("final val loss", [_cell(variants[v]["final_val_loss"], 3) for v in names])]
+    rules = sorted({rule for v in names for rule in variants[v]["alerts"]})
+    rows += [(f"alerts/run: {rule}", [_cell(variants[v]["alerts"][rule]) if rule in variants[v]["alerts"] else "0"
+                                       for v in names]) for rule in rules]
+    rows += [("wall time per run, s", [_cell(variants[v]["wall_s"], 0) for v in names])]
+    header = "| | " + " | ".join(variants[v]["label"] for v in names) + " |"
+    lines = [header, "|---" * (len(names) + 1) + "|"]
+    lines += ["| " + label + " | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------- figures
 def _common(series: Sequence[KindSeries], attr: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, (seeds, S, L) values) over the steps every run checked (a shorter run truncates)."""
