@@ -148,6 +148,35 @@ def test_adamw_decays_matrices_only_and_follows_the_schedule() -> None:
         sched.step()
 
 
+def test_adamw_is_fused_on_cpu_and_steps_as_the_foreach_reference() -> None:
+    """The fused kernel (used wherever torch has one, CPU included) takes the same steps as torch's foreach AdamW."""
+    from models import GPT, GPTConfig
+    from trainer.lit_gpt import OptimConfig, adamw_with_schedule
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, d_model=32, n_head=4))
+    reference = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, d_model=32, n_head=4))
+    reference.load_state_dict(model.state_dict())
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optim = OptimConfig(warmup_steps=0)
+    opt, _ = adamw_with_schedule(model.parameters(), optim, total_steps=50)
+    assert all(group["fused"] for group in opt.param_groups)
+    ref = torch.optim.AdamW([{"params": [p for p in reference.parameters() if p.dim() >= 2],
+                              "weight_decay": optim.weight_decay},
+                             {"params": [p for p in reference.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=opt.param_groups[0]["lr"], betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                            foreach=True)  # the schedule's first-step rate (it is not stepped here)
+    idx = torch.randint(0, 64, (2, 16))
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref)):
+            o.zero_grad()
+            m(idx, idx)[1].backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+        assert (p - start[name]).abs().max() > 1e-3, name  # three full-rate steps moved every parameter
+
+
 def test_train_runs_a_composed_config_in_process(tmp_path: Path, corpus_cache: Path) -> None:
     """`train(cfg, hydra_cfg)` without the command line, as lightning-hydra-template's tests call theirs:
     compose, set the Hydra config @hydra.main would set, train; a bad value is a RunRefusedError."""
