@@ -65,6 +65,9 @@ def test_numbers_on_handmade_histories() -> None:
     assert out["variants"]["mla"]["final_val_loss"]["n"] == 0
     table = markdown_table(out).splitlines()
     assert table[0] == "| | MHA | MLA (decoupled RoPE) |"
+    assert table[2] == "| seeds | 1, 2 | 1 |"
+    runs[2].status = "incomplete"  # a run still training is named so: its last check is not its end
+    assert markdown_table(summarize(runs)).splitlines()[2] == "| seeds | 1, 2 | 1 (incomplete) |"
     assert "| [content] first crossing step per layer | 15 / 20 (1/2) | never / never |" in table
     assert "| final val loss | 5.250 [5.000, 5.500] | - |" in table
     assert "| alerts/run: spikes | 1.0 [0.0, 2.0] | 0 |" in table

@@ -180,10 +180,13 @@ def _cell(stat: Mapping[str, Any], digits: int = 1, spread: bool = True, none: s
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """The study's table (one column per variant, mean [min, max] over seeds) from `summarize`'s output:
     per-layer crossings, spikes and ranks of each kind, λ_max/edge, attention entropy, val loss, alerts
-    and wall time per run. A crossing that not every seed reached shows (n/of) seeds."""
+    and wall time per run. A crossing that not every seed reached shows (n/of) seeds; a seed whose run has
+    not finished is marked with its status (its numbers are those of its last check)."""
     variants = summary["variants"]
     names = list(variants)
-    rows = [("seeds", [", ".join(map(str, variants[v]["seeds"])) for v in names])]
+    rows = [("seeds", [", ".join(f"{seed}" + ("" if status == "done" else f" ({status})")
+                                 for seed, status in zip(variants[v]["seeds"], variants[v]["status"], strict=True))
+                       for v in names])]
     kinds = sorted({k for v in names for k in variants[v]["kinds"]}, key=lambda k: ("content", "rope").index(k)
                    if k in ("content", "rope") else 2)
     for kind in kinds:
