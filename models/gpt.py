@@ -428,7 +428,7 @@ class GPT(nn.Module):
             B, H, T, d = q.shape
             left = (q * scale**0.5).transpose(0, 1).reshape(H, B * T, d)  # (H, B·T, d)
             right = (k * scale**0.5).transpose(0, 1).reshape(H, B * T, d)  # (H, B·T, d)
-            layers.append([QKFactors(left.float(), right.float(), "activation")])
+            layers.append([QKFactors(left, right, "activation")])  # in the model's dtype, as qk_factors
         return layers
 
     @torch.no_grad()

@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures-only", action="store_true", help="draw what the sweeps hold, train nothing")
     args = parser.parse_args(argv)
     summary_path = args.out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary.setdefault("sizes", {})
+    sizes = json.loads(summary_path.read_text()).get("sizes", {}) if summary_path.exists() else {}
+    summary = {"sizes": sizes}  # the sizes drawn earlier stay; a file of another shape is replaced
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     failed = []
     for size in args.sizes:
